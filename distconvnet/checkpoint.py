@@ -1,0 +1,126 @@
+"""Checkpoint I/O: where checkpoints live, how they are written safely, and how they load.
+
+Layout (spec §11, kept): `<save-path>/ConvNet__YYYY-MM-DD_HH.MM.SS/<epoch>.<batchnum>`, only the
+newest file kept. Format (ours, portable and safe): one `torch.save` zip holding tensors, numbers,
+strings, lists and dicts only, so it loads with `torch.load(weights_only=True)` and never runs
+code. It contains the text of both cfg files, the weights and momentum buffers, the options,
+the train/test histories, the position in the data and every RNG state.
+
+Writes are atomic: the bytes go to a hidden temp file in the same directory, are fsync'ed, and
+are renamed over the final name; only then are older checkpoints removed. A kill at any instant
+leaves the previous checkpoint (or the new one) whole.
+"""
+
+import io
+import os
+import re
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+FORMAT = "distconvnet-checkpoint"
+VERSION = 1
+_NAME_RE = re.compile(r"^(\d+)\.(\d+)$")
+
+
+def new_run_dir(save_path, now=None):
+    """The original's name: model name, empty options part, timestamp (hence the '__')."""
+    stamp = time.strftime("%Y-%m-%d_%H.%M.%S", time.localtime(now))
+    return os.path.join(save_path, f"ConvNet__{stamp}")
+
+
+def save(run_dir, epoch, batchnum, state):
+    """Atomically write `state` as `<run_dir>/<epoch>.<batchnum>`; remove older checkpoints."""
+    os.makedirs(run_dir, exist_ok=True)
+    name = f"{epoch}.{batchnum}"
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=run_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(run_dir, name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(run_dir)
+    for other in os.listdir(run_dir):
+        if other != name and (_NAME_RE.match(other) or other.startswith(".tmp-")):
+            os.unlink(os.path.join(run_dir, other))
+    return os.path.join(run_dir, name)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resolve(path):
+    """A checkpoint directory (its newest checkpoint, by natural order) or a checkpoint file."""
+    if os.path.isdir(path):
+        names = [n for n in os.listdir(path) if _NAME_RE.match(n)]
+        if not names:
+            raise CheckpointError(f"Error loading checkpoint: no checkpoint in '{path}'")
+        newest = max(names, key=lambda n: tuple(int(x) for x in _NAME_RE.match(n).groups()))
+        return os.path.join(path, newest)
+    if not os.path.exists(path):
+        raise CheckpointError(f"Error loading checkpoint: Path '{path}' does not exist.")
+    return path
+
+
+def load_state(path, map_location="cpu"):
+    """The raw state dict of a checkpoint, loaded without running any code."""
+    file = resolve(path)
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:  # damaged, truncated, or not ours: one line, whatever the cause
+        raise CheckpointError(f"Error loading checkpoint: '{file}' is damaged or not a "
+                              f"distconvnet checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"Error loading checkpoint: '{file}' is not a distconvnet checkpoint")
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(f"Error loading checkpoint: '{file}' was written by a newer "
+                              f"distconvnet (format {state['version']})")
+    state["path"] = file
+    return state
+
+
+def load(path):
+    """Public reader: the checkpoint as plain Python and numpy.
+
+    Returns a dict with `weights` = {layer_name: {"weights": [arrays...], "biases": array}}
+    (our torch layouts: conv (filters, channels/groups, k, k), fc (outputs, inputs), ...),
+    `increments` in the same form (the momentum buffers), `epoch`, `batchnum`, `options`,
+    `train_outputs`, `test_outputs`, `layer_def` and `layer_params` (cfg texts).
+    """
+    state = load_state(path)
+    weights = {}
+    for key, tensor in state["model"].items():
+        m = re.match(r"^layers\.(.+)\.(weights\.(\d+)|biases)$", key)
+        if not m:
+            continue
+        entry = weights.setdefault(m.group(1), {"weights": [], "biases": None})
+        if m.group(3) is None:
+            entry["biases"] = tensor.float().numpy()
+        else:
+            index = int(m.group(3))
+            entry["weights"] += [None] * (index + 1 - len(entry["weights"]))
+            entry["weights"][index] = tensor.float().numpy()
+    return {"weights": weights,
+            "increments": {k: {"weights": [np.asarray(a) for a in v["weights"]],
+                               "biases": np.asarray(v["biases"])}
+                           for k, v in state.get("increments", {}).items()},
+            "epoch": state["epoch"], "batchnum": state["batchnum"], "options": state["options"],
+            "train_outputs": state["train_outputs"], "test_outputs": state["test_outputs"],
+            "layer_def": state["layer_def"], "layer_params": state["layer_params"],
+            "path": state["path"]}
