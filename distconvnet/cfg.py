@@ -78,8 +78,9 @@ class Section:
         if len(items) == 1 and count > 1:
             items = items * count
         if len(items) != count:
-            raise self.error(f"{key}={value!r}: expected 1 or {count} comma-separated values "
-                             f"(one per input), got {len(items)}", key)
+            wanted = "1 value" if count == 1 else f"1 or {count} comma-separated values " \
+                "(one per input)"
+            raise self.error(f"{key}={value!r}: expected {wanted}, got {len(items)}", key)
         return items
 
     def derive(self, name, values, key):

@@ -131,8 +131,8 @@ class Layer(nn.Module):
 
     @staticmethod
     def as_image(x, channels, size):
-        """View x as (N, C, S, S); x is either already that or a flat channel-major (N, D)."""
-        if x.dim() == 4:
+        """View x as (N, C, S, S); x is either already that or any layout of the same values."""
+        if x.dim() == 4 and x.shape[1:] == (channels, size, size):
             return x
         return x.reshape(x.shape[0], channels, size, size)
 
