@@ -14,13 +14,13 @@ leaves the previous checkpoint (or the new one) whole.
 import io
 import os
 import re
-import tempfile
 import time
 
 import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .fileio import atomic_write
 
 FORMAT = "distconvnet-checkpoint"
 VERSION = 1
@@ -39,30 +39,11 @@ def save(run_dir, epoch, batchnum, state):
     name = f"{epoch}.{batchnum}"
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=run_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(run_dir, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(run_dir)
+    atomic_write(os.path.join(run_dir, name), buffer.getbuffer())
     for other in os.listdir(run_dir):
-        if other != name and (_NAME_RE.match(other) or other.startswith(".tmp-")):
+        if other != name and _NAME_RE.match(other):
             os.unlink(os.path.join(run_dir, other))
     return os.path.join(run_dir, name)
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def resolve(path):
