@@ -46,6 +46,7 @@ class ConvNet(nn.Module):
             inputs = self._inputs_of(sec, cls, cfg, resolve)
             layer = cls(sec, inputs, ctx)
             self.layers[sec.name] = layer
+            self.warnings += getattr(layer, "warnings", [])
             resolve[sec.name] = sec.name
             unknown += [(sec, k) for k in sec.unused_keys() if k not in _STRUCTURAL_KEYS]
             if layer.neuron is not None:

@@ -1,0 +1,101 @@
+"""Command-line entry: argv -> subcommand. The one place that turns errors into one line + exit.
+
+    python convnet.py ...                 (the original's command line; same as `train`)
+    python -m distconvnet [train] ...
+    python -m distconvnet summary --layer-def F --layer-params P [--inner-size N]
+"""
+
+import argparse
+import sys
+
+from .errors import DistconvnetError
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    debug = _wants_debug(argv)
+    try:
+        return COMMANDS[command](argv) or 0
+    except DistconvnetError as e:
+        if debug:
+            raise
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stdout.flush()
+        print("\nInterrupted; checkpoints already written are intact.", file=sys.stderr)
+        return 130
+
+
+def _wants_debug(argv):
+    for i, arg in enumerate(argv):
+        if arg == "--debug":
+            return i + 1 >= len(argv) or argv[i + 1] != "0"
+        if arg.startswith("--debug="):
+            return arg.split("=", 1)[1] != "0"
+    return False
+
+
+def train_command(argv):
+    from . import options, report
+    if not argv:
+        print(options.usage_text(bold=sys.stdout.isatty()))
+        return 0
+    import torch
+    from .evaluate import test_only
+    from .session import Session
+    from .train import train
+    session = Session(argv)
+    console = session.console
+    if session.state is None:
+        for line in session.model.init_lines():
+            console.line(line)
+    for warning in session.model.warnings:
+        console.line(f"warning: {warning}")
+    for line in session.changed_params():
+        console.line(line)
+    console.write(report.import_banner(torch.__version__))
+    if not session.test_only:
+        cuda = session.opts.gpu if session.device.type == "cuda" else []
+        console.write(report.training_banner(options.option_listing(session.opts), cuda,
+                                             session.run_dir))
+    if session.test_only:
+        test_only(session)
+    else:
+        train(session)
+    return 0
+
+
+def summary_command(argv):
+    from .layers import BuildContext
+    from .model import ConvNet
+    parser = argparse.ArgumentParser(
+        prog="distconvnet summary",
+        description="Build a net from its cfg files and print the original's layer lines.")
+    parser.add_argument("--layer-def", required=True)
+    parser.add_argument("--layer-params", required=True)
+    parser.add_argument("--inner-size", type=int, default=224,
+                        help="crop size of the data layer's images (224 ImageNet, 24 CIFAR)")
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="number of classes of the data (checked against the softmax)")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    dims = {0: args.channels * args.inner_size ** 2, 1: 1}
+    if args.num_classes:
+        dims[2] = args.num_classes
+    model = ConvNet(args.layer_def, args.layer_params,
+                    BuildContext(dims.__getitem__, args.num_classes))
+    for warning in model.warnings:
+        print(f"warning: {warning}")
+    for line in model.init_lines():
+        print(line)
+    print(f"Trainable parameters: {model.num_parameters():,}")
+    return 0
+
+
+COMMANDS = {"train": train_command, "summary": summary_command}

@@ -1,0 +1,118 @@
+"""Test passes: the test event, --test-only, --multiview-test averaging, --write-features."""
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from . import report, safepickle
+from .fileio import atomic_write
+
+
+def run_test(session, batches, on_batch=None):
+    """Evaluate `batches` (DataBatch objects) without dropout; returns (cost sums, cases).
+
+    `on_batch(batch, sums, cases, seconds, acts)` is called after each batch (test-only lines,
+    feature files).
+    """
+    model = session.model
+    model.eval()
+    total, total_cases = {}, 0
+    keep = session.feature_layers()
+    with torch.no_grad():
+        for batch in batches:
+            started = time.perf_counter()
+            sums, cases, acts = _evaluate_batch(session, batch, keep)
+            for name, values in sums.items():
+                total[name] = values if name not in total else total[name] + values
+            total_cases += cases
+            if on_batch is not None:
+                on_batch(batch, sums, cases, time.perf_counter() - started, acts)
+    return total, total_cases
+
+
+def _evaluate_batch(session, batch, keep):
+    """One test batch, minibatch by minibatch; multiview averages probabilities before costs."""
+    model, views = session.model, batch.num_views
+    cases = batch.mats[0].shape[0] // views
+    sums, acts = {}, {name: [] for name in keep}
+    for start in range(0, cases, session.eval_minibatch):
+        stop = min(start + session.eval_minibatch, cases)
+        if views == 1:
+            mats = [m[start:stop] for m in batch.mats]
+            with session.autocast():
+                out = model(mats, keep=keep)
+            costs = out.costs
+            kept = out.acts
+        else:
+            costs, kept = _multiview_costs(session, batch.mats, views, cases, start, stop, keep)
+        for name, values in costs.items():
+            values = values.float()
+            sums[name] = values if name not in sums else sums[name] + values
+        for name in keep:
+            acts[name].append(kept[name].float().flatten(1))
+    return sums, cases, {k: torch.cat(v) for k, v in acts.items()}
+
+
+def _multiview_costs(session, mats, views, cases, start, stop, keep):
+    """Average each cost's input probabilities over the views, then cost them once (spec §6.3).
+
+    Labels are tiled over the views, so the first view's label inputs serve for all.
+    """
+    model = session.model
+    costs_layers = model.cost_layers()
+    averaged = sorted({c.probs_input for c in costs_layers} | set(keep))
+    labels = sorted({c.input_names[0] for c in costs_layers})
+    summed, label_acts = {}, {}
+    for v in range(views):
+        rows = slice(v * cases + start, v * cases + stop)
+        with session.autocast():
+            out = model([m[rows] for m in mats], keep=averaged + (labels if v == 0 else []))
+        for name in averaged:
+            act = out.acts[name].float()
+            summed[name] = act if name not in summed else summed[name] + act
+        if v == 0:
+            label_acts = {name: out.acts[name] for name in labels}
+    costs = {layer.name: layer.cost_from_probs(label_acts[layer.input_names[0]],
+                                               summed[layer.probs_input] / views)
+             for layer in costs_layers}
+    return model.fold_children(costs), {k: summed[k] / views for k in keep}
+
+
+def test_only(session):
+    """--test-only 1: every test batch, one line each, then the whole set's costs (spec §9.2)."""
+    console = session.console
+
+    def on_batch(batch, sums, cases, seconds, acts):
+        if session.opts.write_features:
+            write_feature_file(session, batch, acts[session.opts.write_features])
+        console.line(report.test_only_batch_line(batch.batchnum, session.raw_sums(sums), cases,
+                                                 seconds))
+
+    sums, cases = run_test(session, session.all_test_batches(), on_batch)
+    console.write(report.test_only_block(session.printed_costs(sums, cases),
+                                         session.weight_stats()))
+    if session.opts.write_features:
+        write_feature_meta(session, session.model.layers[session.opts.write_features].outputs)
+    if session.opts.force_save:
+        session.save()
+        console.line(report.saved_block(session.run_dir))
+
+
+def write_feature_file(session, batch, features):
+    """`<feature-path>/data_batch_<N>`: {'data': (cases, outputs) float32, 'labels': (1, cases)}."""
+    os.makedirs(session.opts.feature_path, exist_ok=True)
+    path = os.path.join(session.opts.feature_path, f"data_batch_{batch.batchnum}")
+    cases = features.shape[0]
+    labels = batch.mats[1][:cases].float().reshape(1, -1).cpu().numpy()
+    payload = {"data": features.cpu().numpy().astype(np.float32), "labels": labels}
+    atomic_write(path, safepickle.dumps(payload))
+    session.console.line(report.wrote_feature_line(path))
+
+
+def write_feature_meta(session, num_vis):
+    meta = {"source_model": session.opts.load_file, "num_vis": num_vis,
+            "batch_size": session.test_data.batch_meta.get(
+                "batch_size", session.test_data.batch_meta.get("num_cases_per_batch"))}
+    atomic_write(os.path.join(session.opts.feature_path, "batches.meta"), safepickle.dumps(meta))
