@@ -1,0 +1,315 @@
+"""cuda-convnet2's weight update (spec §5.2, §8 "Weight updates") as a torch.optim.Optimizer.
+
+For each weight matrix W, with ε = epsW(progress), μ = momW, λ = wc:
+
+    g   = −(Σ_cases ∂E/∂W) / Nnom
+    inc = μ·inc + ε·g − λ·ε·W
+    W   = W + inc
+
+and the same for the bias vector with epsB and momB but no decay. E is the *sum* over cases of
+coeff × cost, so `p.grad` already holds Σ_cases ∂E/∂W; the division by the nominal case count
+Nnom happens here.
+
+Contract with the trainer:
+  * `set_progress(p)` once per data batch (spec §2: the schedules advance per data batch).
+  * `step()` once per minibatch pass, after backward. A group with effective update period k
+    lets `.grad` accumulate over k calls, then updates and clears its own gradients. The
+    optimizer owns zeroing: the trainer must NOT call `zero_grad()` per minibatch, or periods
+    above 1 (updatePeriod, hybrid nets' activePassPeriod) would update on one pass's gradient.
+  * Build it after the model is on its device: the increments live next to their parameters.
+
+One param group per weight matrix and one per bias vector, so every matrix carries its own
+hyper-parameters. A matrix shared through weightSource is one nn.Parameter appearing in two
+layers; it forms one group, with the hyper-parameters (epsW, momW, wc, wball, updatePeriod) of
+the layer that owns it, the source: cuda-convnet2 updates a shared matrix only through its owner
+and ignores the receiver's momW and wc (spec §4.5). Its gradient sums both uses, as there.
+
+Speed: a step groups the due matrices by equal (μ, ε/Nnom, λ·ε) and updates each bucket with
+torch._foreach_* ops, a few kernel launches per bucket, and never reads a value back to the host.
+"""
+
+import math
+from collections import defaultdict
+
+import torch
+
+from .errors import CheckpointError, ConfigError, OptionError
+from .schedule import SCHEDULES
+
+WEIGHTS, BIASES = "weights", "biases"
+
+# How a constraint sees "columns" (spec §5.2) in our torch layouts. cuda-convnet2 normalises
+# columns of its (rows, cols) matrices (spec §4.5); here: the dims that span one column, and
+# whether wball sets the norm exactly (FCLayer/ConvLayer::_constrainWeights) or caps it
+# (LocalUnsharedLayer uses normalizeLocalWeights: per module and filter, only when above).
+#   fc    (outputs, inputs): one output unit is a row
+#   sfc   (parts, inputs/parts, outputs per part): one output index across all parts, as the
+#         original's (inputs, outputs per part) matrix has it
+#   conv  (filters·groups, channels/groups, k, k): one filter
+#   local (M², groups, k²·channels/groups, filters): one filter at one module
+_COLUMNS = {
+    "fc": ((1,), True),
+    "sfc": ((0, 1), True),
+    "conv": ((1, 2, 3), True),
+    "local": ((2,), False),
+}
+
+
+def _schedule_from_dict(d):
+    return SCHEDULES[d["type"]](**d["params"])
+
+
+class Ccn2SGD(torch.optim.Optimizer):
+    """cuda-convnet2's momentum SGD over a net's weight layers (see the module docstring).
+
+    weight_layers: WeightLayer-like objects in file order, each with `.name`, `.type_name`,
+      `.weights` (one Parameter per input), `.biases`, `.weight_sources`, `.learning`.
+    minibatch: --mini. num_passes: passes per minibatch (spec §8; 1 without hybrid layers).
+    active_pass_period: {layer name: activePassPeriod} from the parallel plan (default 1).
+
+    Each param group holds one tensor and plain values only (so state_dict() loads with
+    weights_only=True): layer, kind ("weights", i) | ("biases",), layer_type, schedule (its
+    to_dict()), base_lr, lr (ε now), momentum, wc (0 for biases), wball, wc_norm_max/min,
+    update_period (effective) and nominal_cases (Nnom).
+    """
+
+    def __init__(self, weight_layers, minibatch, num_passes=1, active_pass_period=None):
+        if minibatch < 1 or num_passes < 1:
+            raise OptionError(f"minibatch size ({minibatch}) and passes per minibatch "
+                              f"({num_passes}) must be at least 1")
+        self.minibatch, self.num_passes = minibatch, num_passes
+        self.active_pass_period = dict(active_pass_period or {})
+        self.progress = 0.0
+        groups, self._layers = self._groups_for(weight_layers)
+        super().__init__(groups, {})
+        for group in self.param_groups:
+            p = group["params"][0]
+            self.state[p] = {"inc": torch.zeros_like(p, memory_format=torch.preserve_format),
+                             "pending": 0}
+        self.set_progress(0.0)
+
+    # -- building groups from the layers' hyper-parameters -----------------------------------
+    def _groups_for(self, weight_layers):
+        groups, layers, owned = [], [], set()
+        for layer in weight_layers:
+            learning = layer.learning
+            period = self._effective_period(layer)
+            for i, w in enumerate(layer.weights):
+                if layer.weight_sources[i] is not None or id(w) in owned:
+                    continue
+                owned.add(id(w))
+                groups.append(self._group(
+                    layer, (WEIGHTS, i), w, learning.eps_w[i], learning.mom_w[i],
+                    learning.wc[i], learning.wball[i], learning.wc_norm_max[i],
+                    learning.wc_norm_min[i], period,
+                    period * (self.minibatch / self.num_passes)))
+            # Biases are scaled by period·ceil(mini/passes), not mini/passes as the weights are
+            # (WeightLayer::getBGradScale vs getGradScale); equal unless passes ∤ mini.
+            groups.append(self._group(
+                layer, (BIASES,), layer.biases, learning.eps_b, learning.mom_b, 0.0, 0.0, 0.0,
+                0.0, period, period * -(-self.minibatch // self.num_passes)))
+            layers.append((layer.name, [id(w) for w in layer.weights], id(layer.biases)))
+        return groups, layers
+
+    def _effective_period(self, layer):
+        """spec §8: updatePeriod_eff = max(updatePeriod, activePassPeriod); 0 = every pass."""
+        active = self.active_pass_period.get(layer.name, 1)
+        period = max(layer.learning.update_period, active)
+        if period % active:
+            raise ConfigError(f"updatePeriod={layer.learning.update_period} must be a multiple "
+                              f"of the layer's active pass period {active}", layer=layer.name)
+        return period
+
+    @staticmethod
+    def _group(layer, kind, param, schedule, momentum, wc, wball, norm_max, norm_min, period,
+               nominal_cases):
+        needs_columns = wball > 0 or norm_max > 0
+        if needs_columns and layer.type_name not in _COLUMNS:
+            raise ConfigError(f"wball/wcNormMax are not supported on a {layer.type_name} layer",
+                              layer=layer.name)
+        return {"params": [param], "layer": layer.name, "kind": kind,
+                "layer_type": layer.type_name, "schedule": schedule.to_dict(),
+                "base_lr": float(schedule.params.get("base", 0.0)), "lr": 0.0,
+                "momentum": float(momentum), "wc": float(wc), "wball": float(wball),
+                "wc_norm_max": float(norm_max), "wc_norm_min": float(norm_min),
+                "update_period": period, "nominal_cases": float(nominal_cases)}
+
+    # -- the per-batch and per-pass calls ----------------------------------------------------
+    def set_progress(self, progress):
+        """Evaluate every schedule at this data batch's progress (spec §2, §5.1)."""
+        self.progress = progress
+        for group in self.param_groups:
+            group["lr"] = float(_schedule_from_dict(group["schedule"])(progress))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One minibatch pass: update the groups whose update period is complete."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        due = []
+        for group in self.param_groups:
+            state = self.state[group["params"][0]]
+            state["pending"] += 1
+            if state["pending"] >= group["update_period"]:
+                state["pending"] = 0
+                due.append(group)
+        self._apply(due)
+        for group in due:
+            if group["base_lr"] > 0:
+                self._constrain(group)
+            group["params"][0].grad = None
+        return loss
+
+    def _apply(self, due):
+        # A matrix whose base rate is 0 is not learned at all, not even decayed (spec §5.1;
+        # Weights::update returns early).
+        buckets = defaultdict(lambda: ([], [], [], []))
+        for group in due:
+            if group["base_lr"] <= 0:
+                continue
+            p = group["params"][0]
+            eps = group["lr"]
+            key = (p.device, p.dtype, group["momentum"], -eps / group["nominal_cases"],
+                   -eps * group["wc"])
+            params, incs, graded_incs, grads = buckets[key]
+            inc = self.state[p]["inc"]
+            params.append(p)
+            incs.append(inc)
+            # No gradient (no backward reached it) counts as a zero gradient, as in the
+            # original with a 0-case pass: momentum and decay still apply.
+            if p.grad is not None:
+                graded_incs.append(inc)
+                grads.append(p.grad)
+        for (_, _, momentum, grad_scale, decay), (params, incs, graded_incs, grads) in \
+                buckets.items():
+            torch._foreach_mul_(incs, momentum)
+            if grads:
+                torch._foreach_add_(graded_incs, grads, alpha=grad_scale)
+            if decay:
+                torch._foreach_add_(incs, params, alpha=decay)
+            torch._foreach_add_(params, incs)
+
+    @staticmethod
+    def _constrain(group):
+        """The post-update constraints of ConvLayer/FCLayer/LocalUnsharedLayer (spec §5.2)."""
+        if group["wball"] <= 0 and group["wc_norm_max"] <= 0:
+            return
+        w = group["params"][0]
+        dims, sets_norm = _COLUMNS[group["layer_type"]]
+        if group["wc_norm_max"] > 0:
+            # The original's measure, read from its WeightContrastNormOperator:
+            # spread = sqrt(Σ (w − mean)²) / n over a filter's n weights (that is std/√n, not
+            # the std its comment names). The filter itself (not its centred copy) is scaled
+            # by lo/spread or hi/spread when the spread leaves [wcNormMin, wcNormMax].
+            n = math.prod(w.shape[d] for d in dims)
+            centred = w - w.mean(dim=dims, keepdim=True)
+            spread = centred.square().sum(dim=dims, keepdim=True).sqrt() / n
+            lo, hi = group["wc_norm_min"], group["wc_norm_max"]
+            factor = torch.where(spread < lo, lo / spread,
+                                 torch.where(spread > hi, hi / spread, torch.ones_like(spread)))
+            # A constant filter has no spread to rescale; the original would divide by 0.
+            w.mul_(torch.where(spread > 0, factor, torch.ones_like(factor)))
+        if group["wball"] > 0:
+            norm = w.square().sum(dim=dims, keepdim=True).sqrt()
+            factor = group["wball"] / norm
+            if not sets_norm:
+                factor = factor.clamp(max=1.0)
+            # An all-zero column keeps its zeros instead of becoming NaN.
+            w.mul_(torch.where(norm > 0, factor, torch.ones_like(factor)))
+
+    def zero_grad(self, set_to_none=True):
+        """Drop every accumulated gradient and restart every update period.
+
+        Not part of the per-minibatch cycle (step() clears what it applied); for discarding
+        gradients that must not be learned from, e.g. after a gradient check.
+        """
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            self.state[group["params"][0]]["pending"] = 0
+
+    # -- resume --------------------------------------------------------------------------------
+    def refresh(self, weight_layers):
+        """Re-read the hyper-parameters after the layer-params file was re-read; keeps inc."""
+        groups, layers = self._groups_for(weight_layers)
+        if [id(g["params"][0]) for g in groups] != \
+                [id(g["params"][0]) for g in self.param_groups]:
+            raise CheckpointError("refresh() was given a net whose weight matrices are not the "
+                                  "ones this optimizer was built for")
+        for old, new in zip(self.param_groups, groups):
+            old.update(new)
+        self._layers = layers
+        self.set_progress(self.progress)
+
+    def load_state_dict(self, state_dict):
+        """Restore the increments and pending pass counts; keep the current hyper-parameters.
+
+        On resume the layer-params file is re-read and wins over the checkpoint (spec §5), so
+        only the optimizer *state* comes from `state_dict`.
+        """
+        saved = state_dict["param_groups"]
+        mine = [(g["layer"], tuple(g["kind"])) for g in self.param_groups]
+        theirs = [(g["layer"], tuple(g["kind"])) for g in saved]
+        if mine != theirs:
+            missing = sorted(set(mine) ^ set(theirs))
+            raise CheckpointError(f"the checkpoint's weight matrices do not match this net's "
+                                  f"(differing: {missing[:5] or 'order'})")
+        index_of = {}
+        for saved_group, group in zip(saved, self.param_groups):
+            index_of[saved_group["params"][0]] = group["params"][0]
+        for index, entry in state_dict["state"].items():
+            p = index_of[index]
+            if tuple(entry["inc"].shape) != tuple(p.shape):
+                raise CheckpointError(f"the checkpoint's increment for a matrix of shape "
+                                      f"{tuple(p.shape)} has shape {tuple(entry['inc'].shape)}")
+        current = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        super().load_state_dict({
+            "state": state_dict["state"],
+            "param_groups": [dict(c, params=s["params"]) for c, s in zip(current, saved)]})
+
+    # -- what the console, metrics and checkpoint need ------------------------------------------
+    def increment(self, param):
+        """The momentum buffer ("inc", the checkpoint's weightsInc/biasesInc) of a parameter."""
+        return self.state[param]["inc"] if param in self.state else None
+
+    def increments(self):
+        """{layer: {"weights": [inc per input], "biases": inc}}; a shared matrix appears under
+        both its layers, as the same tensor."""
+        by_id = {id(g["params"][0]): g["params"][0] for g in self.param_groups}
+        return {name: {WEIGHTS: [self.state[by_id[w]]["inc"] for w in weights],
+                       BIASES: self.state[by_id[b]]["inc"]}
+                for name, weights, b in self._layers}
+
+    def current_rates(self):
+        """{layer: {"epsW": [ε per input], "epsB": ε}} at the current progress; a shared matrix
+        reports the rate its owner applies."""
+        lr = {id(g["params"][0]): g["lr"] for g in self.param_groups}
+        return {name: {"epsW": [lr[w] for w in weights], "epsB": lr[b]}
+                for name, weights, b in self._layers}
+
+
+def weight_stats(weight_layers, optimizer):
+    """Rows (layer, "weights[i]" | "biases", mean|W|, mean|inc|) of the test block (spec §9.2).
+
+    One host read for the whole table (per device), at a test event only.
+    """
+    rows, values = [], []
+    for layer in weight_layers:
+        named = [(f"weights[{i}]", w) for i, w in enumerate(layer.weights)]
+        for label, p in named + [("biases", layer.biases)]:
+            inc = optimizer.increment(p)
+            rows.append((layer.name, label))
+            values.append(p.detach().abs().mean())
+            values.append(inc.abs().mean() if inc is not None
+                          else torch.zeros((), device=p.device))
+    by_device = defaultdict(list)
+    for k, v in enumerate(values):
+        by_device[v.device].append(k)
+    numbers = [0.0] * len(values)
+    for indices in by_device.values():
+        read = torch.stack([values[k].double() for k in indices]).tolist()
+        for k, x in zip(indices, read):
+            numbers[k] = x
+    return [(name, label, numbers[2 * k], numbers[2 * k + 1])
+            for k, (name, label) in enumerate(rows)]
