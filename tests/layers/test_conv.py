@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distconvnet.errors import ConfigError
-from tests.layers.conftest import FakeInput
+from fakes import FakeInput
 
 
 def cfg(type_name, **keys):

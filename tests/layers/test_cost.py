@@ -12,7 +12,7 @@ from distconvnet.errors import ConfigError
 from distconvnet.layers import BuildContext
 from distconvnet.layers.neuron import NEURON_TYPES
 from distconvnet.model import ConvNet
-from tests.layers.conftest import FakeInput
+from fakes import FakeInput
 
 CLASSES = 10
 

@@ -6,7 +6,7 @@ import torch
 
 from distconvnet.cfg import read_cfg
 from distconvnet.errors import ConfigError
-from tests.layers.conftest import FakeInput
+from fakes import FakeInput
 
 KEEP = 0.75
 CASES, DIM = 200, 50      # 10000 units: the kept fraction's standard deviation is 0.0043

@@ -7,7 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import FakeInput
+from fakes import FakeInput
 
 from distconvnet.errors import ConfigError
 

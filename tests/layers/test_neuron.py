@@ -8,7 +8,7 @@ import torch
 from distconvnet.errors import ConfigError
 from distconvnet.layers import BuildContext
 from distconvnet.model import ConvNet
-from tests.layers.conftest import FakeInput
+from fakes import FakeInput
 
 
 def neuron_cfg(spec):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FakeInput
+from fakes import FakeInput
 from distconvnet.cfg import read_cfg
 from distconvnet.errors import ConfigError
 

@@ -9,7 +9,7 @@ import torch
 
 from distconvnet.errors import ConfigError
 
-from conftest import FakeInput
+from fakes import FakeInput
 
 
 def section(type_name, **keys):
