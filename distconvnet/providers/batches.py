@@ -111,7 +111,7 @@ def _load_dict(path):
     return value
 
 
-def _sub_files(directory):
+def sub_batch_files(directory):
     """data_batch_N.0, .1, ... in numeric order; a gap or an empty directory is an error."""
     pattern = re.compile(re.escape(directory.name) + r"\.(\d+)$")
     found = (pattern.match(entry.name) for entry in directory.iterdir())
@@ -132,7 +132,7 @@ def read_batch(data_path, n):
     which Python 2 pickles hold as str) comes back as a list of bytes."""
     path = batch_path(data_path, n)
     if path.is_dir():
-        parts = [_load_dict(sub) for sub in _sub_files(path)]
+        parts = [_load_dict(sub) for sub in sub_batch_files(path)]
         batch = dict(parts[0])
         for key, value in batch.items():
             if isinstance(value, list):
