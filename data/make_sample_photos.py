@@ -15,7 +15,9 @@ import random
 from PIL import Image
 
 
-def source_photos():
+def source_photos(paths=None):
+    if paths:
+        return [Image.open(p).convert("RGB") for p in paths]
     import matplotlib
     import sklearn.datasets
     sklearn_dir = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
@@ -38,12 +40,13 @@ def main(argv=None):
     parser.add_argument("--tgt", required=True)
     parser.add_argument("--train", type=int, default=300, help="training photos in all")
     parser.add_argument("--val", type=int, default=60, help="validation photos in all")
-    parser.add_argument("--classes", type=int, default=3, help="at most 3 (one per photo)")
+    parser.add_argument("--classes", type=int, default=3, help="one per source photo")
     parser.add_argument("--size", type=int, default=320, help="side of each saved photo")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--src", nargs="*", help="photos to cut (default: the bundled ones)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
-    photos = source_photos()[:max(1, min(args.classes, 3))]
+    photos = source_photos(args.src)[:max(1, args.classes)]
     for split, count in (("train", args.train), ("val", args.val)):
         for k in range(count):
             label = k % len(photos)

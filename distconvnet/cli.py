@@ -3,6 +3,7 @@
     python convnet.py ...                 (the original's command line; same as `train`)
     python -m distconvnet [train] ...
     python -m distconvnet summary --layer-def F --layer-params P [--inner-size N]
+    python -m distconvnet show --load-file DIR ...   (python shownet.py ...: plots as PNG files)
 """
 
 import argparse
@@ -21,14 +22,22 @@ def main(argv=None):
         if debug:
             raise
         sys.stdout.flush()
-        print(f"error: {e}", file=sys.stderr)
+        rank, world_size = _place_in_job()
+        print(f"{f'rank {rank}: ' if world_size > 1 else ''}error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         if debug:
             raise
         sys.stdout.flush()
-        print("\nInterrupted; checkpoints already written are intact.", file=sys.stderr)
+        if _place_in_job()[0] == 0:     # every rank got the Ctrl-C; one says so
+            print("\nInterrupted; checkpoints already written are intact.", file=sys.stderr)
         return 130
+
+
+def _place_in_job():
+    """(rank, world size), so that an error line in a job of several ranks says whose it is."""
+    from .parallel.launch import rank_and_world_size
+    return rank_and_world_size()
 
 
 def _wants_debug(argv):
@@ -47,26 +56,34 @@ def train_command(argv):
         return 0
     import torch
     from .evaluate import test_only
-    from .session import Session
+    from .parallel.launch import peer_failures_reported
+    from .parallel.spawn import spawn_workers, workers_to_spawn
+    from .session import Session, plan_run
     from .train import train
-    session = Session(argv)
-    console = session.console
-    if session.state is None:
-        for line in session.model.init_lines():
+    plan = plan_run(argv)
+    workers = workers_to_spawn(plan.opts)
+    if workers > 1:
+        del plan                # each worker reads the checkpoint itself
+        return spawn_workers(argv, workers)
+    with peer_failures_reported():
+        session = Session(argv, plan=plan)
+        console = session.console
+        if session.state is None:
+            for line in session.model.init_lines():
+                console.line(line)
+        for warning in session.model.warnings:
+            console.line(f"warning: {warning}")
+        for line in session.changed_params():
             console.line(line)
-    for warning in session.model.warnings:
-        console.line(f"warning: {warning}")
-    for line in session.changed_params():
-        console.line(line)
-    console.write(report.import_banner(torch.__version__))
-    if not session.test_only:
-        cuda = session.opts.gpu if session.device.type == "cuda" else []
-        console.write(report.training_banner(options.option_listing(session.opts), cuda,
-                                             session.run_dir))
-    if session.test_only:
-        test_only(session)
-    else:
-        train(session)
+        console.write(report.import_banner(torch.__version__))
+        if not session.test_only:
+            console.write(report.training_banner(options.option_listing(session.opts),
+                                                 session.cuda_devices, session.run_dir))
+        if session.test_only:
+            test_only(session)
+        else:
+            train(session)
+    session.close()
     return 0
 
 
@@ -83,6 +100,9 @@ def summary_command(argv):
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--num-classes", type=int, default=None,
                         help="number of classes of the data (checked against the softmax)")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="also show, per layer, its replicas (gpu=) and which of N "
+                             "processes runs each (spec §8)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     dims = {0: args.channels * args.inner_size ** 2, 1: 1}
@@ -95,7 +115,27 @@ def summary_command(argv):
     for line in model.init_lines():
         print(line)
     print(f"Trainable parameters: {model.num_parameters():,}")
+    if args.world_size is not None:
+        from .parallel.plan import Plan, nodes_of
+        plan = Plan(nodes_of(model))
+        placement = plan.placement(args.world_size)
+        print(f"Passes per minibatch: {plan.num_passes} (replicas: {plan.min_replicas} to "
+              f"{plan.max_replicas}); {args.world_size} process(es) = "
+              f"{placement.data_groups} data-parallel group(s) of {placement.group_size}")
+        for line in placement.describe():
+            print(line)
     return 0
 
 
-COMMANDS = {"train": train_command, "summary": summary_command}
+def show_command(argv):
+    from . import show
+    args = show.parse_args(argv)
+    paths = show.render(args)
+    for path in paths:
+        print(f"Wrote {path}")
+    if args.show and not show.open_windows(paths):
+        print("No display to open windows on; the plots are in the PNG files above.")
+    return 0
+
+
+COMMANDS = {"train": train_command, "summary": summary_command, "show": show_command}

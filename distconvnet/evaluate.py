@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from . import report, safepickle
+from .errors import OptionError
 from .fileio import atomic_write
 
 
@@ -24,6 +25,7 @@ def run_test(session, batches, on_batch=None):
         for batch in batches:
             started = time.perf_counter()
             sums, cases, acts = _evaluate_batch(session, batch, keep)
+            sums, cases = session.sum_over_ranks(sums, cases)
             for name, values in sums.items():
                 total[name] = values if name not in total else total[name] + values
             total_cases += cases
@@ -83,6 +85,8 @@ def _multiview_costs(session, mats, views, cases, start, stop, keep):
 def test_only(session):
     """--test-only 1: every test batch, one line each, then the whole set's costs (spec §9.2)."""
     console = session.console
+    if session.opts.write_features:
+        check_feature_layer(session.model, session.opts.write_features)
 
     def on_batch(batch, sums, cases, seconds, acts):
         if session.opts.write_features:
@@ -100,18 +104,35 @@ def test_only(session):
         console.line(report.saved_block(session.run_dir))
 
 
+def check_feature_layer(model, name):
+    """Features come from a layer with outputs: not a cost, and one the net has."""
+    layer = model.layers[name] if name in model.layers else None
+    if layer is None or layer.is_cost:
+        usable = ", ".join(n for n, other in model.layers.items() if not other.is_cost)
+        problem = "is a cost layer" if layer is not None else "is not a layer of this net"
+        raise OptionError(f"--write-features {name}: '{name}' {problem} (layers with outputs: "
+                          f"{usable})")
+
+
 def write_feature_file(session, batch, features):
-    """`<feature-path>/data_batch_<N>`: {'data': (cases, outputs) float32, 'labels': (1, cases)}."""
+    """`<feature-path>/data_batch_<N>`: {'data': (cases, outputs) float32, 'labels': (1, cases)}.
+    With several ranks, rank 0 gathers the rows of all shards in the batch's order and writes."""
+    cases = features.shape[0]
+    gathered = session.gather_rows([features, batch.mats[1][:cases].float()])
+    if gathered is None:
+        return
+    features, labels = gathered
     os.makedirs(session.opts.feature_path, exist_ok=True)
     path = os.path.join(session.opts.feature_path, f"data_batch_{batch.batchnum}")
-    cases = features.shape[0]
-    labels = batch.mats[1][:cases].float().reshape(1, -1).cpu().numpy()
-    payload = {"data": features.cpu().numpy().astype(np.float32), "labels": labels}
+    payload = {"data": features.cpu().numpy().astype(np.float32),
+               "labels": labels.reshape(1, -1).cpu().numpy()}
     atomic_write(path, safepickle.dumps(payload))
     session.console.line(report.wrote_feature_line(path))
 
 
 def write_feature_meta(session, num_vis):
+    if not session.is_master:
+        return
     meta = {"source_model": session.opts.load_file, "num_vis": num_vis,
             "batch_size": session.test_data.batch_meta.get(
                 "batch_size", session.test_data.batch_meta.get("num_cases_per_batch"))}

@@ -2,74 +2,108 @@
 console, run directory and history. The loop in train.py only talks to this object.
 """
 
-import contextlib
 import os
 import random
-import sys
+import re
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
-from . import checkpoint, options, report
+from . import checkpoint, fastpath, metrics, options, report
 from .cfg import read_cfg, read_text
-from .errors import OptionError
 from .layers import BuildContext
 from .model import ConvNet
 from .optim import Ccn2SGD, weight_stats
+from .errors import OptionError
+from .parallel import data_parallel, launch
+from .parallel.model_parallel import PassSchedule
+from .parallel.plan import Plan, nodes_of
 from .providers import ProviderOptions, make_provider
 
 
+class RunPlan(NamedTuple):
+    cli: options.Options        # what was typed
+    state: dict | None          # the checkpoint to resume, or None
+    opts: options.Options       # the final options (spec §3.3)
+
+
+def plan_run(argv):
+    """What a command line asks for, before anything is built: the parent of spawned workers
+    asks it too, to know how many to start."""
+    cli = options.parse_command_line(argv)
+    state = _resume_state(cli)
+    return RunPlan(cli, state, _final_options(cli, state))
+
+
+def _resume_state(cli):
+    load = cli.load_file if cli.is_given("load_file") else None
+    save_file = cli.save_file_override if cli.is_given("save_file_override") else None
+    if load is None and save_file and os.path.isdir(save_file) and os.listdir(save_file):
+        load = save_file            # spec §3.2: an existing --save-file auto-resumes
+    load = launch.restart_checkpoint(cli) or load
+    return checkpoint.load_state(load) if load else None
+
+
+def _final_options(cli, state):
+    if state is None:
+        options.check_mandatory(cli)
+        return cli
+    saved = options.Options.from_dict(state["options"])
+    return options.merge_for_resume(saved, cli)
+
+
 class Session:
-    def __init__(self, argv, stream=sys.stdout):
-        cli = options.parse_command_line(argv)
-        self.state = self._resume_state(cli)
-        self.opts = self._final_options(cli)
-        self.console = report.Console(is_master=True, stream=stream)
+    def __init__(self, argv, stream=None, plan=None):
+        cli, self.state, self.opts = plan or plan_run(argv)
+        self.launch = launch.launch_info()
+        self.console = report.Console(is_master=self.launch.is_master, stream=stream,
+                                      world_size=self.launch.world_size)
         self.device = self._pick_device()
+        # The ranks' gradient and cost sync; the identity for one process (parallel/).
+        self.sync = data_parallel.make_sync(self.launch, self.opts.dist_backend, self.device)
+        self.is_master = self.sync.is_master
+        self._check_same_checkpoint()
+        self.cuda_devices = sorted(set(self.sync.all_gather(self.device.index))) \
+            if self.device.type == "cuda" else []
         self.seed = self._seed()
         self.test_only = bool(self.opts.test_only or self.opts.write_features)
         self._build_data()
         self._build_model()
-        self.optimizer = Ccn2SGD(self.model.weight_layers(), self.opts.minibatch_size)
+        self.optimizer = Ccn2SGD(self.model.weight_layers(), self.opts.minibatch_size,
+                                 num_passes=self.parallel_plan.num_passes,
+                                 active_pass_period=self.parallel_plan.active_pass_period)
+        if self.pass_schedule is not None:
+            self.pass_schedule.freeze_remote_layers(self.optimizer)
+        self.sync.attach(self.optimizer)
         self.eval_minibatch = max(self.opts.minibatch_size, 256)
         self._restore()
-        self.run_dir = self._run_dir()
+        self._seed_dropout_per_rank()
+        self.run_dir = self._run_dir(cli)
+        # Rank 0 logs one JSON line per batch and test next to the checkpoints (metrics.py).
+        self.metrics = metrics.open_log(
+            None if self.test_only else self.run_dir,
+            None if self.test_only else self.opts.tensorboard,
+            is_master=self.console.is_master, resume_step=self.batches_at_start)
 
     # -- construction ------------------------------------------------------------------------
-    def _resume_state(self, cli):
-        load = cli.load_file if cli.is_given("load_file") else None
-        save_file = cli.save_file_override if cli.is_given("save_file_override") else None
-        if load is None and save_file and os.path.isdir(save_file) and os.listdir(save_file):
-            load = save_file            # spec §3.2: an existing --save-file auto-resumes
-        return checkpoint.load_state(load) if load else None
-
-    def _final_options(self, cli):
-        if self.state is None:
-            options.check_mandatory(cli)
-            return cli
-        saved = options.Options.from_dict(self.state["options"])
-        return options.merge_for_resume(saved, cli)
-
     def _pick_device(self):
-        want = self.opts.device
-        if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
-            if want == "auto":
-                self.console.line("No CUDA device is available: running on the CPU.")
-            return torch.device("cpu")
-        if not torch.cuda.is_available():
-            raise OptionError("--device cuda: no CUDA device is available on this machine")
-        index = self.opts.gpu[0]
-        if index >= torch.cuda.device_count():
-            raise OptionError(f"--gpu {index}: this machine has {torch.cuda.device_count()} "
-                              f"CUDA device(s)")
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
+        if self.opts.device == "auto" and not torch.cuda.is_available():
+            self.console.line("No CUDA device is available: running on the CPU.")
+        return launch.pick_device(self.opts.device, self.opts.gpu, self.launch)
+
+    def _check_same_checkpoint(self):
+        paths = self.sync.all_gather(self.state["path"] if self.state else None)
+        if len(set(paths)) > 1:
+            raise launch.DistributedError(f"the ranks would resume from different checkpoints "
+                                          f"({', '.join(map(str, paths))}): give them one "
+                                          f"shared file system")
 
     def _seed(self):
         seed = self.opts.seed
         if seed is None:
-            seed = random.SystemRandom().randrange(2**31)
+            seed = self.sync.broadcast(random.SystemRandom().randrange(2**31))
             self.opts.values["seed"] = seed      # recorded, so the run can be repeated
         torch.manual_seed(seed)
         return seed
@@ -83,10 +117,12 @@ class Session:
         epoch, batchnum = (1, None) if self.state is None else self._next_cursor()
         self.train_data = None if self.test_only else make_provider(
             opts.dp_type, opts.data_path, opts.train_batch_range, init_epoch=epoch,
-            init_batchnum=batchnum, test=False, options=provider_opts)
+            init_batchnum=batchnum, test=False, options=provider_opts, rank=self.sync.rank,
+            world_size=self.sync.world_size)
         self.test_data = make_provider(
             opts.dp_type, opts.data_path, opts.test_batch_range, test=True,
-            options=replace(provider_opts, multiview=bool(opts.multiview_test)))
+            options=replace(provider_opts, multiview=bool(opts.multiview_test)),
+            rank=self.sync.rank, world_size=self.sync.world_size)
 
     def _next_cursor(self):
         return tuple(self.state["train_cursor"])
@@ -99,14 +135,34 @@ class Session:
         self.layer_params_text = read_text(params_path)
         ctx = BuildContext(self.test_data.get_data_dims, self.test_data.get_num_classes())
         self.layer_def_text = def_text
-        self.model = ConvNet(def_path, params_path, ctx, layer_def_text=def_text,
-                             layer_params_text=self.layer_params_text).to(self.device)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp32": None}[self._precision()]
+        self.model = fastpath.place(ConvNet(def_path, params_path, ctx, layer_def_text=def_text,
+                                            layer_params_text=self.layer_params_text),
+                                    self.device)
+        self.precision = fastpath.resolve_precision(self.opts.precision, self.device)
+        self.autocast = fastpath.autocast(self.device, self.precision)
+        self.parallel_plan = Plan(nodes_of(self.model))
+        self.pass_schedule = self._pass_schedule()
+        # The pass schedule syncs what it must itself; DDP would sync every weight everywhere.
+        wrapped = self.model if self.pass_schedule is not None else self.sync.wrap(self.model)
+        forward = fastpath.forward_fn(wrapped,
+                                      fastpath.resolve_compile(self.opts.compile, self.device))
+        self.forward = forward if self.pass_schedule is not None else \
+            self.sync.forward_fn(forward)
 
-    def _precision(self):
-        if self.opts.precision != "auto":
-            return self.opts.precision
-        return "bf16" if self.device.type == "cuda" else "fp32"
+    def _pass_schedule(self):
+        """spec §8: several passes per minibatch (hybrid nets), or layers spread over several
+        processes, run the pass schedule; one pass on one process, or a data-parallel net on
+        several (DDP or MPI), runs the plain forward."""
+        world = self.sync.world_size
+        plan = self.parallel_plan
+        if plan.num_passes == 1 and (world == 1 or plan.is_data_parallel):
+            return None
+        if world > 1 and self.opts.dist_backend == "mpi":
+            raise OptionError("--dist-backend mpi syncs data-parallel nets only; this net "
+                              "places layers on different GPUs (gpu=): use gloo or nccl")
+        schedule = PassSchedule(self.model, plan, world_size=world, rank=self.sync.rank)
+        schedule.create_process_groups()
+        return schedule
 
     def _restore(self):
         if self.state is None:
@@ -128,29 +184,48 @@ class Session:
         self.test_outputs = [tuple(o) for o in state["test_outputs"]]
         self.batches_at_start = self.batches_done()
 
-    def _run_dir(self):
-        if self.opts.is_given("save_file_override") or (self.state and
-                                                        self.opts.save_file_override):
-            return self.opts.save_file_override
+    def _seed_dropout_per_rank(self):
+        """Ranks draw different dropout masks: rank 0 goes on with the checkpoint's stream,
+        the others with streams of their own (only dropout draws from it)."""
+        if self.sync.rank > 0:
+            torch.manual_seed(hash((self.seed, self.sync.rank, self.batches_at_start)) % 2**63)
+
+    def _run_dir(self, cli):
+        """spec §3.3: --save-file if typed now, else the loaded checkpoint's directory (not the
+        --save-file an earlier run typed: the checkpoint may have moved), else a new one. Rank
+        0's choice holds for all. Under torchrun it exists from the start, so that a restarted
+        job finds it as the newest run of --save-path (launch.restart_checkpoint)."""
+        if cli.is_given("save_file_override"):
+            return cli.save_file_override
         if self.state is not None:
             return os.path.dirname(self.state["path"])
-        return checkpoint.new_run_dir(self.opts.save_path)
+        run_dir = self.sync.broadcast(checkpoint.new_run_dir(self.opts.save_path))
+        if self.is_master and self.launch.launcher == "torchrun" and not self.test_only:
+            os.makedirs(run_dir, exist_ok=True)
+        return run_dir
 
     # -- what the loop asks ------------------------------------------------------------------
     def changed_params(self):
-        """Keys of the layer-params file that differ from the checkpoint's (printed on resume)."""
+        """On resume, the layer-params values that differ from the checkpoint's, as lines
+        `  Layer 'conv1' epsW: 0.01 -> 0.001` under one heading (none if nothing changed)."""
         if self.state is None:
             return []
-        old = read_cfg("(checkpoint)", self.state["layer_params"])
-        new = read_cfg(self.opts.layer_params, self.layer_params_text)
+        old_text, new_text = self.state["layer_params"], self.layer_params_text
+        old, new = read_cfg("(checkpoint)", old_text), read_cfg("(new)", new_text)
+        spelling = {**_key_spellings(old_text), **_key_spellings(new_text)}
+        names = [s.name for s in new.sections] + [s.name for s in old.sections
+                                                  if s.name not in new]
         lines = []
-        for sec in new.sections:
-            before = old.get(sec.name)
-            for key in sec.keys():
-                was = before.raw(key, None) if before is not None else None
-                if was != sec.raw(key):
-                    lines.append(f"Layer '{sec.name}': {key} {was} -> {sec.raw(key)}")
-        return lines
+        for name in names:
+            before, after = _values_of(old.get(name)), _values_of(new.get(name))
+            for key in list(after) + [k for k in before if k not in after]:
+                was, now = before.get(key, "(not set)"), after.get(key, "(not set)")
+                if was != now:
+                    lines.append(f"  Layer '{name}' {spelling.get(key, key)}: {was} -> {now}")
+        if not lines:
+            return []
+        return [f"Layer parameters changed since the checkpoint ({self.opts.layer_params}):",
+                *lines]
 
     def finished(self):
         return self.train_data.cursor[0] > self.opts.num_epochs
@@ -170,15 +245,30 @@ class Session:
         done = n * (epoch - 1) + self.batch_index(batchnum) + 1
         return min(max((done - 1) / (self.opts.num_epochs * n), 0.0), 1.0)
 
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def minibatches(self, mats):
-        cases, mini = mats[0].shape[0], self.opts.minibatch_size
-        for start in range(0, cases, mini):
-            yield [m[start:start + mini] for m in mats]
+        """This rank's piece of each --mini slice of the batch (the whole slice for one rank)."""
+        start = 0
+        for size in self.sync.shard_sizes(mats[0].shape[0], self.opts.minibatch_size):
+            yield [m[start:start + size] for m in mats]
+            start += size
+
+    def minibatch_sizes(self, local_cases):
+        """The size of each whole --mini slice of the batch, over all ranks."""
+        total = sum(self.sync.all_gather(local_cases))
+        mini = self.opts.minibatch_size
+        return [min(mini, total - start) for start in range(0, total, mini)]
+
+    def sum_over_ranks(self, sums, cases):
+        """A batch's cost sums and cases over all ranks (unchanged for one process)."""
+        return self.sync.sum_over_ranks(sums, cases)
+
+    def gather_rows(self, tensors):
+        """Rows of this rank's shard of a test batch, in the batch's order on rank 0; None on
+        the other ranks."""
+        return self.sync.gather_rows(tensors, self.opts.minibatch_size)
+
+    def close(self):
+        self.sync.close()
 
     def feature_layers(self):
         return [self.opts.write_features] if self.test_only and self.opts.write_features else []
@@ -231,6 +321,10 @@ class Session:
 
     # -- saving --------------------------------------------------------------------------------
     def save(self):
+        """Rank 0 writes the checkpoint; everything in it is global, so any number of ranks
+        can resume from it."""
+        if not self.is_master:
+            return None
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
                else None}
@@ -239,6 +333,7 @@ class Session:
             "layer_params": self.layer_params_text,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "increments": _to_cpu(self.optimizer.increments()),
             "epoch": self.epoch, "batchnum": self.batchnum,
             "train_outputs": self.train_outputs, "test_outputs": self.test_outputs,
             "train_cursor": list(self.train_data.cursor) if self.train_data else [1, None],
@@ -247,6 +342,16 @@ class Session:
             "saved_at": time.time(),
         }
         return checkpoint.save(self.run_dir, self.epoch, self.batchnum, state)
+
+
+def _values_of(section):
+    return {} if section is None else {key: section.raw(key) for key in section.keys()}
+
+
+def _key_spellings(cfg_text):
+    """{lower-cased key: the key as written}: the cfg reader folds case, the user did not."""
+    found = re.findall(r"^\s*([A-Za-z_]\w*)\s*[=:]", cfg_text, re.M)
+    return {key.lower(): key for key in found}
 
 
 def _to_cpu(obj):

@@ -8,47 +8,54 @@ import math
 import time
 
 from . import report
-from .errors import TrainingDiverged
+from .errors import OptionError, TrainingDiverged
 from .evaluate import run_test
 
 
 def train(session):
-    """Train until the last batch of `--epochs`; test, report and save every `--test-freq`."""
+    """Train until the last batch of `--epochs`; test, report and save every `--test-freq`
+    batches and after the last one."""
     console, opts = session.console, session.opts
-    tested_last = False
+    if opts.testing_freq < 1:
+        raise OptionError(f"--test-freq {opts.testing_freq}: expected a positive number of "
+                          f"training batches between tests")
     while not session.finished():
+        waiting = time.perf_counter()
         batch = session.train_data.get_next_batch()
         progress = session.progress(batch.epoch, batch.batchnum)
         session.optimizer.set_progress(progress)
         started = time.perf_counter()
         console.write(report.batch_prefix(batch.epoch, batch.batchnum, progress))
 
-        sums, cases = train_on_batch(session, batch)
+        sums, cases = session.sum_over_ranks(*train_on_batch(session, batch))
         costs = session.record_train(batch.epoch, batch.batchnum, sums, cases)
         console.write(report.cost_line(costs))
+        session.metrics.train_batch(
+            batch.epoch, batch.batchnum, step=session.batches_done(), progress=progress,
+            costs=costs, cases=cases, seconds=time.perf_counter() - started,
+            data_wait=started - waiting, rates=session.optimizer.current_rates())
         check_finite(console, costs)
 
-        tested_last = session.batches_done() % opts.testing_freq == 0
-        if tested_last:
+        # The last batch is always a test event, so a finished run leaves its final weights
+        # tested and saved (the original saved only every --test-freq batches: spec §11.2).
+        tested = session.batches_done() % opts.testing_freq == 0 or session.finished()
+        if tested:
             test_and_save(session)
         seconds = time.perf_counter() - started
         # A test event's time includes the test, so it gets no images/s figure.
-        console.line(report.seconds_suffix(seconds, None if tested_last else cases))
-    if not tested_last and session.batches_done() > session.batches_at_start:
-        # A finished run always leaves its final weights saved (the original did not: spec §15).
-        console.write(f"{session.epoch}.{session.batchnum}... final")
-        test_and_save(session)
-        console.line("")
+        console.line(report.seconds_suffix(seconds, None if tested else cases))
 
 
 def train_on_batch(session, batch):
     """Forward, backward and update for each minibatch; returns device-side cost sums."""
-    model, optimizer = session.model, session.optimizer
-    model.train()
+    session.model.train()
+    optimizer, schedule = session.optimizer, session.pass_schedule
+    if schedule is not None:
+        return train_passes(session, batch, schedule)
     sums = {}
     for mats in session.minibatches(batch.mats):
         with session.autocast():
-            out = model(mats)
+            out = session.forward(mats)
         out.objective.backward()
         optimizer.step()
         for name, values in out.costs.items():
@@ -57,21 +64,44 @@ def train_on_batch(session, batch):
     return sums, batch.mats[0].shape[0]
 
 
+def train_passes(session, batch, schedule):
+    """The same for nets that run the pass schedule of spec §8 (hybrid or model parallel):
+    each minibatch is several forward/backward passes, updates included."""
+    local_cases = batch.mats[0].shape[0]
+    sums = {}
+    for mats, cases in zip(session.minibatches(batch.mats),
+                           session.minibatch_sizes(local_cases)):
+        costs = schedule.train_minibatch(mats, session.optimizer, session.autocast, cases)
+        for name, values in costs.items():
+            sums[name] = values if name not in sums else sums[name] + values
+    # Every rank's copy of every layer made current, for the tests, statistics and checkpoints
+    # that may follow this batch.
+    schedule.share_weights(session.optimizer)
+    return schedule.folded_costs(sums), local_cases
+
+
 def test_and_save(session):
     """A test event: the test block, the weight statistics, a checkpoint (spec §7)."""
     console = session.console
+    started = time.perf_counter()
     sums, cases = run_test(session, session.test_batches_for_event())
     costs = session.record_test(sums, cases)
-    console.write(report.test_block(costs, session.test_averages()))
+    averages = session.test_averages()
+    session.metrics.test_event(session.epoch, session.batchnum, step=session.batches_done(),
+                               costs=costs, averages=averages, cases=cases,
+                               seconds=time.perf_counter() - started)
+    console.write(report.test_block(costs, averages))
+    # Not in the original: weights that test to NaN/Inf are not saved over the last good ones.
+    check_finite(console, costs, "test cost")
     console.write(report.weight_block(session.weight_stats()))
     session.save()
     console.write(report.saved_block(session.run_dir))
 
 
-def check_finite(console, costs):
+def check_finite(console, costs, what="cost"):
     """The original's only divergence guard: a NaN/Inf first cost value stops training."""
     for name, values in costs:
         if values and not math.isfinite(values[0]):
             console.line(report.nan_suffix())
-            raise TrainingDiverged(f"cost '{name}' is {values[0]}; stopped, and the last "
+            raise TrainingDiverged(f"{what} '{name}' is {values[0]}; stopped, and the last "
                                    f"checkpoint is kept")

@@ -22,3 +22,19 @@ def pytest_collection_modifyitems(config, items):
         for mark, reason in reasons.items():
             if reason and mark in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# -- the trainer's end-to-end tests (helpers in trainer_fixtures.py) ---------------------------
+
+@pytest.fixture(scope="session")
+def digit_cifar(tmp_path_factory):
+    """A CIFAR-format set of real digit images, 10x10, six batches of 64 (written once)."""
+    from trainer_fixtures import write_digit_cifar
+    return write_digit_cifar(tmp_path_factory.mktemp("digit-cifar"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(digit_cifar, tmp_path_factory):
+    """One finished training run of layers-tiny.cfg, shared by the tests that only read it."""
+    from trainer_fixtures import TinyRun
+    return TinyRun.train(digit_cifar, tmp_path_factory.mktemp("tiny-run"))

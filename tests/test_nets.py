@@ -44,6 +44,10 @@ NETS = {
                               "local4": (32, 6), "fc10": 10}, 2_112_970),
     "tiny": (TINY, {"conv1": (16, 8), "pool1": (16, 4), "rnorm1": (16, 4), "local2": (16, 4),
                     "fc10": 10}, 40_138),
+    # tiny-width copies of the multi-GPU structures, for the model-parallel tests
+    "test-2gpu-model": (TINY, {}, 26_506),
+    "test-4gpu-data-model": (TINY, {}, 11_658),
+    "test-2gpu-hybrid": (TINY, {}, 4_250),
 }
 
 # replicas (gpu=) of a few layers, as the multi-GPU configs define or inherit them (spec §8)

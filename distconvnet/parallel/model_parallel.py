@@ -1,0 +1,394 @@
+"""Model, hybrid and data parallelism from `gpu=` (spec §8), applied around an unchanged model.py.
+
+`PassSchedule` trains one minibatch the way cuda-convnet2 did, on one process or SPMD (one
+process per GPU index):
+
+  * Forward, pass by pass: a layer runs on the passes its activePassPeriod allows; its replica r
+    reads the input replica the plan names (Plan.feeding_replica); data replica d delivers the
+    microbatch Plan.data_microbatch names. The replicas one process runs are batched into one
+    call, in replica order, so a data-parallel net runs exactly the plain forward.
+  * The graph is cut at the outputs of *cut layers* (Placement.cut_layers): those whose
+    consumers have fewer replicas (wide → narrow), or run on another process, or lead to
+    several backward roots. Consumers read a detached leaf; the leaf's gradient
+    accumulates over the passes; the layer runs backward once, on the last pass of its period,
+    with that accumulated gradient — the original's "wide layers accumulate the gradient from
+    the passes above, then run backward once".
+  * Backward, per pass, visits layers in reverse file order: cost objectives and cut layers are
+    the roots. Every process walks the same order, so each point-to-point transfer (a replica's
+    rows forward, their gradient back) happens at the same step on both ends; sends never block,
+    so the walk cannot deadlock.
+  * After each pass: gradients of the weight groups due for an update are summed over exactly
+    the ranks that hold the layer (all-reduce on that rank set), then Ccn2SGD.step() applies
+    each group when its updatePeriod_eff completes, scaling by 1/(period · mini/numPasses).
+
+Each process builds the whole net (the cfg's geometry needs every layer) and keeps one Ccn2SGD
+over all of it, so checkpoints and resumes see one complete optimizer; it trains only the layers
+it holds (`freeze_remote_layers`), and `share_weights` brings every rank's copy of the others,
+weights and momentum, up to date before a test or a save.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class _Transfer:
+    """One replica's rows sent to another rank at a forward step; its gradient comes back."""
+
+    layer: str
+    replica: int
+    src: int
+    dst: int
+    computed_pass: int   # the pass whose output of `layer` this is
+    return_pass: int     # the pass on whose backward the gradient goes back
+
+
+class _Output:
+    """A layer's output on this rank: its local replicas' rows, batched in replica order."""
+
+    def __init__(self, tensor, rows, is_cut):
+        self.tensor = tensor
+        self.value = tensor.detach().requires_grad_() if is_cut and tensor.requires_grad \
+            else tensor
+        self.rows = rows          # {replica: (start, stop)} in self.value
+
+    def chunk(self, replica):
+        start, stop = self.rows[replica]
+        return self.value[start:stop]
+
+
+class PassSchedule:
+    """One net, one plan, one rank: trains minibatches with the pass semantics of spec §8."""
+
+    def __init__(self, model, plan, world_size=1, rank=0):
+        self.model, self.plan = model, plan
+        self.placement = plan.placement(world_size)
+        self.rank, self.distributed = rank, world_size > 1
+        self.group = self.placement.group_of(rank)
+        self.inputs = {name: list(layer.input_names) + ([model.logits_for[name]]
+                                                         if name in model.logits_for else [])
+                       for name, layer in model.layers.items()}
+        self.local = {name: self.placement.local_replicas(name, rank) for name in plan.order}
+        self.cuts = self.placement.cut_layers(self.inputs, rank)
+        self.data_needs = self.placement.data_needs(self.inputs)
+        self._rank_groups = {}
+        self._cost_lengths = None
+
+    def _rank(self, name, replica):
+        return self.placement.rank_of(self.plan.gpus[name][replica], self.group)
+
+    # -- one minibatch -------------------------------------------------------------------------
+    def train_minibatch(self, mats, optimizer, autocast=contextlib.nullcontext, cases=None):
+        """All passes of one minibatch: forward, backward, gradient sum and update per pass.
+
+        `mats` holds this rank's shard of the minibatch: with W ranks, rank k holds rows
+        [k·⌈cases/W⌉, (k+1)·⌈cases/W⌉) of its `cases` rows (providers/batches.shard_indices);
+        one process holds them all. Returns this rank's cost sums {cost layer: values}, children
+        not folded; summed over ranks they are the minibatch's (see `total_costs`).
+        """
+        self._begin_minibatch(mats, mats[0].shape[0] if cases is None else cases)
+        sums = {}
+        for pass_idx in range(self.plan.num_passes):
+            with autocast():
+                costs = self._forward_pass(pass_idx)
+            self._backward_pass(pass_idx)
+            self._finish_sends()
+            self._sum_due_gradients(optimizer)
+            optimizer.step()
+            for name, values in costs.items():
+                values = values.detach().float()
+                sums[name] = values if name not in sums else sums[name] + values
+        self._end_minibatch()
+        return sums
+
+    def folded_costs(self, sums):
+        """This rank's cost sums with every cost of the net present (zeros for those it does
+        not run) and children folded into their parents: summed over ranks, the printed sums."""
+        costs = self.model.cost_layers()
+        if self._cost_lengths is None:
+            lengths = torch.tensor([len(sums[c.name]) if c.name in sums else 0 for c in costs],
+                                   dtype=torch.int64, device=self._device())
+            if self.distributed:
+                dist.all_reduce(lengths, op=dist.ReduceOp.MAX)
+            self._cost_lengths = lengths.tolist()
+        whole = {c.name: sums[c.name] if c.name in sums else
+                 torch.zeros(n, device=self._device())
+                 for c, n in zip(costs, self._cost_lengths)}
+        return self.model.fold_children(whole)
+
+    def total_costs(self, sums):
+        """The whole net's cost sums (over all ranks), children folded."""
+        costs = self.folded_costs(sums)
+        if self.distributed:
+            flat = torch.cat(list(costs.values()))
+            dist.all_reduce(flat)
+            costs = dict(zip(costs, flat.split([len(v) for v in costs.values()])))
+        return costs
+
+    def _device(self):
+        return next(iter(self.model.parameters())).device
+
+    def _begin_minibatch(self, mats, cases):
+        self.outputs, self.received, self.objectives = {}, {}, {}
+        self.transfers, self.sends = [], []
+        self.shard = -(-cases // self.placement.world_size)
+        self.shard_start = min(self.rank * self.shard, cases)
+        self.data = {name: layer(mats) for name, layer in self.model.layers.items()
+                     if layer.is_data}
+        self.slices = [self._microbatch_slices(cases, g)
+                       for g in range(self.placement.data_groups)]
+        self.data_pieces = self._exchange_data()
+        self._finish_sends()
+
+    def _end_minibatch(self):
+        self.outputs = self.received = self.objectives = self.data = self.data_pieces = None
+
+    def _microbatch_slices(self, cases, group):
+        """[start, stop) of each microbatch of data-parallel group `group`: part `group` of
+        every microbatch of the whole minibatch, so that pass p over all groups sees exactly
+        the cases one process would (spec §8 with W/G copies of the model group)."""
+        groups = self.placement.data_groups
+        out = []
+        for index in range(self.plan.max_replicas):
+            start, stop = self.plan.microbatch_bounds(cases, index)
+            part = -(-(stop - start) // groups)
+            out.append((min(start + group * part, stop), min(start + (group + 1) * part, stop)))
+        return out
+
+    def _exchange_data(self):
+        """{(data layer, microbatch): this group's rows of it} for the microbatches this rank's
+        layers read, fetched piece by piece from the ranks whose shards hold them."""
+        pieces = {}
+        for name, needs in self.data_needs.items():
+            for rank in sorted(needs):
+                for index in sorted(needs[rank]):
+                    start, stop = self.slices[self.placement.group_of(rank)][index]
+                    parts = []
+                    for owner in range(start // self.shard, -(-stop // self.shard)):
+                        lo = max(start, owner * self.shard)
+                        hi = min(stop, (owner + 1) * self.shard)
+                        if owner == self.rank:
+                            local = self.data[name][lo - self.shard_start:hi - self.shard_start]
+                            if rank == self.rank:
+                                parts.append(local)
+                            else:
+                                self._send(local, rank)
+                        elif rank == self.rank:
+                            parts.append(self._recv(owner))
+                    if rank == self.rank:
+                        pieces[(name, index)] = parts[0] if len(parts) == 1 else \
+                            torch.cat(parts) if parts else self.data[name][:0]
+        return pieces
+
+    # -- forward -------------------------------------------------------------------------------
+    def _forward_pass(self, pass_idx):
+        costs = {}
+        for name, layer in self.model.layers.items():
+            if layer.is_data or not self.plan.runs_forward(name, pass_idx):
+                continue
+            self._exchange_inputs(name, pass_idx)
+            mine = self.local[name]
+            if not mine:
+                continue
+            xs, counts = zip(*[self._gather(name, inp, mine, pass_idx)
+                               for inp in self.inputs[name]])
+            if layer.is_cost:
+                n = len(layer.input_names)
+                kwargs = {"logits": xs[n]} if len(xs) > n else {}
+                objective, values = layer(*xs[:n], **kwargs)
+                if objective.requires_grad:
+                    self.objectives[name] = objective
+                costs[name] = values
+                continue
+            rows, start = {}, 0
+            for replica, count in zip(mine, counts[0]):
+                rows[replica] = (start, start + count)
+                start += count
+            self.outputs[name] = _Output(layer(*xs), rows, name in self.cuts)
+        return costs
+
+    def _gather(self, name, inp, mine, pass_idx):
+        """The input rows of this rank's replicas of `name`, batched; and the rows per replica."""
+        sources = [self.plan.feeding_replica(name, inp, r, pass_idx) for r in mine]
+        if inp in self.data:
+            return self._data_rows(inp, sources, pass_idx)
+        out = self.outputs.get(inp)
+        if out is not None and sources == list(out.rows):
+            return out.value, [stop - start for start, stop in out.rows.values()]
+        chunks = [out.chunk(s) if out is not None and s in out.rows else self.received[(inp, s)]
+                  for s in sources]
+        return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)), \
+            [c.shape[0] for c in chunks]
+
+    def _data_rows(self, name, replicas, pass_idx):
+        indices = [self.plan.data_microbatch(name, r, pass_idx) for r in replicas]
+        bounds = [self.slices[self.group][i] for i in indices]
+        counts = [stop - start for start, stop in bounds]
+        start, stop = bounds[0][0], bounds[-1][1]
+        contiguous = all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
+        if contiguous and self.shard_start <= start and stop <= self.shard_start + self.shard:
+            # this rank's own shard: a view, and for one process the minibatch as it came
+            local = self.data[name]
+            return local[start - self.shard_start:stop - self.shard_start], counts
+        pieces = [self.data_pieces[(name, i)] for i in indices]
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)), counts
+
+    def _exchange_inputs(self, name, pass_idx):
+        """Move every input replica that a replica of `name` reads on another rank there; each
+        rank walks the same list, the sender posting before the receiver waits."""
+        period = self.plan.active_pass_period[name]
+        for inp in self.inputs[name]:
+            if inp in self.data:
+                continue
+            computed = pass_idx - pass_idx % self.plan.active_pass_period[inp]
+            for replica in range(self.plan.replicas(name)):
+                source = self.plan.feeding_replica(name, inp, replica, pass_idx)
+                src, dst = self._rank(inp, source), self._rank(name, replica)
+                key = (inp, source, dst, computed)
+                if src == dst or any((t.layer, t.replica, t.dst, t.computed_pass) == key
+                                     for t in self.transfers):
+                    continue
+                self.transfers.append(_Transfer(inp, source, src, dst, computed,
+                                                pass_idx + period - 1))
+                if self.rank == src:
+                    self._send(self.outputs[inp].chunk(source).detach(), dst)
+                elif self.rank == dst:
+                    value = self._recv(src)
+                    self.received[(inp, source)] = value.requires_grad_(
+                        value.is_floating_point())
+
+    # -- backward ------------------------------------------------------------------------------
+    def _backward_pass(self, pass_idx):
+        roots = []
+        for name in reversed(self.plan.order):
+            layer = self.model.layers[name]
+            if layer.is_cost:
+                if self.plan.runs_backward(name, pass_idx) and name in self.objectives:
+                    roots.append((self.objectives.pop(name), None))
+                continue
+            if name not in self.cuts:
+                continue
+            returns = [t for t in self.transfers if t.layer == name and t.return_pass == pass_idx]
+            owns = name in self.outputs and self.plan.runs_backward(name, pass_idx)
+            if not returns and not owns:
+                continue
+            _run_backward(roots)
+            for t in returns:
+                self._return_gradient(t)
+            out = self.outputs.get(name)
+            if owns and out.value is not out.tensor and out.value.grad is not None:
+                roots.append((out.tensor, out.value.grad))
+        _run_backward(roots)
+
+    def _return_gradient(self, transfer):
+        if self.rank == transfer.dst:
+            leaf = self.received.pop((transfer.layer, transfer.replica))
+            grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            self._send(grad, transfer.src)
+        elif self.rank == transfer.src:
+            grad = self._recv(transfer.dst)
+            out = self.outputs[transfer.layer]
+            if out.value is out.tensor:
+                return                       # no graph above: nothing to propagate
+            if out.value.grad is None:
+                out.value.grad = torch.zeros_like(out.value)
+            start, stop = out.rows[transfer.replica]
+            out.value.grad[start:stop] += grad
+
+    # -- gradient sums and weights across ranks ------------------------------------------------
+    def _sum_due_gradients(self, optimizer):
+        """Sum, over the ranks holding each layer, the gradients of the groups due for an update
+        now (the original summed replica gradients before its sharded update, spec §8)."""
+        if not self.distributed:
+            return
+        buckets = {}
+        for group in optimizer.param_groups:
+            param = group["params"][0]
+            if not self.local[group["layer"]] or \
+                    optimizer.state[param]["pending"] + 1 < group["update_period"]:
+                continue
+            holders = self.placement.holders(group["layer"])
+            if len(holders) > 1:
+                buckets.setdefault(holders, []).append(param)
+        for holders in self.placement.rank_sets():
+            params = buckets.get(holders)
+            if not params:
+                continue
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self._rank_groups[holders])
+            for p, piece in zip(params, flat.split([g.numel() for g in grads])):
+                p.grad = piece.view_as(p).clone()
+
+    def create_process_groups(self):
+        """Create the rank-set groups; every rank must call this, in the same order."""
+        if not self.distributed:
+            return
+        world = tuple(range(self.placement.world_size))
+        for holders in self.placement.rank_sets():
+            self._rank_groups[holders] = None if holders == world else dist.new_group(
+                list(holders))
+
+    def freeze_remote_layers(self, optimizer):
+        """Leave the layers this rank does not hold to their holders: a group whose base rate is
+        0 is skipped by Ccn2SGD (not learned, not decayed). Call after building or refreshing
+        the optimizer."""
+        for group in optimizer.param_groups:
+            if not self.local[group["layer"]]:
+                group["base_lr"] = 0.0
+
+    @torch.no_grad()
+    def share_weights(self, optimizer):
+        """Give every rank the current weights and momentum increments of every layer, from the
+        first rank that holds it: before a test or a save. Every rank must call this."""
+        if not self.distributed:
+            return
+        for group in optimizer.param_groups:
+            param = group["params"][0]
+            owner = self.placement.holders(group["layer"])[0]
+            dist.broadcast(param.data, src=owner)
+            dist.broadcast(optimizer.increment(param), src=owner)
+
+    # -- point to point ------------------------------------------------------------------------
+    def _send(self, tensor, dst):
+        """Post a tensor to `dst` without waiting: a header (type, shape), then the values."""
+        tensor = tensor.contiguous()
+        header = torch.zeros(8, dtype=torch.int64, device=tensor.device)
+        header[0] = _DTYPES.index(tensor.dtype)
+        header[1] = tensor.dim()
+        header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+        self.sends.append((dist.isend(header, dst), header))
+        if tensor.numel():
+            self.sends.append((dist.isend(tensor, dst), tensor))
+
+    def _recv(self, src):
+        """The next tensor `src` posts to this rank (blocking)."""
+        header = torch.zeros(8, dtype=torch.int64, device=self._device())
+        dist.recv(header, src)
+        dtype, ndim, *shape = header.tolist()
+        tensor = torch.empty(shape[:ndim], dtype=_DTYPES[dtype], device=header.device)
+        if tensor.numel():
+            dist.recv(tensor, src)
+        return tensor
+
+    def _finish_sends(self):
+        for work, _ in self.sends:
+            work.wait()
+        self.sends = []
+
+
+# The element types a transfer may carry, by index in its header.
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
+           torch.int32, torch.uint8]
+
+
+def _run_backward(roots):
+    """One backward call for the roots collected so far (their upstream graphs are disjoint)."""
+    if roots:
+        tensors = [t for t, _ in roots]
+        grads = [g for _, g in roots]
+        torch.autograd.backward(tensors, grads)
+        roots.clear()

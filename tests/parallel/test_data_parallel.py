@@ -1,0 +1,164 @@
+"""Data-parallel training on the CPU with gloo, two ranks, the tiny net (issue 5): every launcher
+gives the one-process weights and numbers, only rank 0 prints, test passes are sharded and
+reduced exactly, checkpoints move between world sizes, and a lost rank ends the job in time."""
+
+import ast
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dp_helpers import (REPO, assert_same_history, assert_same_weights, child_pids,
+                        newest_checkpoint, run_ok, script, single, skeleton, tiny_args,
+                        torchrun, worker_env)
+
+pytestmark = pytest.mark.slow
+
+
+def check_like_one_process(one_process, out, err, save):
+    base_out, base, _ = one_process
+    got = newest_checkpoint(save)
+    assert_same_weights(base, got)
+    assert_same_history(base, got)
+    # Rank 0 printed what one process prints, each line once; rank 1 printed nothing.
+    listing = re.compile(r"^Collective backend.*\n", re.M)
+    assert listing.sub("", skeleton(out)) == listing.sub("", skeleton(base_out))
+    assert "rank 1" not in err and "Traceback" not in err
+
+
+def test_torchrun_two_ranks_train_like_one_process(one_process, demo_data, tmp_path):
+    out, err = run_ok(script("torchrun.sh", tiny_args(demo_data, tmp_path)), NGPU="2")
+    check_like_one_process(one_process, out, err, tmp_path)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("backend", ["auto", "mpi"])
+def test_mpirun_two_ranks_train_like_one_process(one_process, demo_data, tmp_path, backend):
+    args = tiny_args(demo_data, tmp_path, "--dist-backend", backend)
+    out, err = run_ok(script("mpirun.sh", args), NGPU="2")
+    check_like_one_process(one_process, out, err, tmp_path)
+
+
+def test_a_gpu_list_starts_one_worker_per_entry(one_process, demo_data, tmp_path):
+    out, err = run_ok(single(tiny_args(demo_data, tmp_path, "--gpu", "0,1")))
+    assert re.search(r"^GPU override +: 0,1 ", out, re.M)
+    assert out.count("Saved checkpoint") == one_process[0].count("Saved checkpoint")
+    assert_same_weights(one_process[1], newest_checkpoint(tmp_path))
+
+
+def test_checkpoints_move_between_world_sizes(one_process, demo_data, tmp_path):
+    """One epoch on 2 ranks then one on 1, against one epoch on 1 then one on 2."""
+    run_ok(torchrun(tiny_args(demo_data, tmp_path / "two")))
+    two_then_one = next((tmp_path / "two").glob("ConvNet__*"))
+    one_then_two = tmp_path / "one" / "ConvNet__copy"
+    shutil.copytree(next(Path(one_process[2]).glob("ConvNet__*")), one_then_two)
+    out, _ = run_ok(single(["--load-file", two_then_one, "--epochs", "2"]))
+    assert re.search(r"^2\.1 \(", out, re.M) and not re.search(r"^1\.\d \(", out, re.M)
+    run_ok(torchrun(["--load-file", one_then_two, "--epochs", "2"]))
+    a, b = newest_checkpoint(tmp_path / "two"), newest_checkpoint(tmp_path / "one")
+    assert (a["epoch"], a["batchnum"]) == (2, 2) and len(a["train_outputs"]) == 4
+    assert_same_weights(a, b)
+    assert_same_history(a, b)
+
+
+def test_sharded_test_only_multiview_and_features_match_one_process(one_process, demo_data,
+                                                                    tmp_path):
+    run_dir = next(Path(one_process[2]).glob("ConvNet__*"))
+    outputs = {}
+    for name, launch in (("one", single), ("two", torchrun)):
+        shutil.copytree(run_dir, tmp_path / name / "run")
+        args = ["--load-file", tmp_path / name / "run", "--test-only", "1", "--multiview-test",
+                "1", "--write-features", "fc10", "--feature-path", tmp_path / name / "features"]
+        outputs[name], _ = run_ok(launch([str(a) for a in args]))
+    lines = {name: re.search(r"^batch 6: \((\{.*\}), (\d+)\) ", out, re.M)
+             for name, out in outputs.items()}
+    assert lines["one"].group(2) == lines["two"].group(2) == "297"
+    sums = {name: ast.literal_eval(m.group(1)) for name, m in lines.items()}
+    np.testing.assert_allclose(sums["one"]["logprob"], sums["two"]["logprob"], rtol=1e-6)
+    assert skeleton(outputs["one"]).replace("/one/", "/two/") == skeleton(outputs["two"])
+    files = {name: pickle.loads((tmp_path / name / "features" / "data_batch_6").read_bytes())
+             for name in outputs}
+    assert files["one"]["data"].shape == (297, 10)
+    np.testing.assert_allclose(files["one"]["data"], files["two"]["data"], atol=1e-6)
+    np.testing.assert_array_equal(files["one"]["labels"], files["two"]["labels"])
+
+
+def start_and_wait_for_checkpoint(command):
+    """Start a training job; return it once rank 0 has printed its first checkpoint."""
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=worker_env(DISTCONVNET_TIMEOUT="10"))
+    lines = []
+    for line in job.stdout:
+        lines.append(line)
+        if line.startswith("Saved checkpoint"):
+            return job, lines
+    job.wait()
+    pytest.fail(f"no checkpoint before the job ended:\n{''.join(lines)[-2000:]}"
+                f"{job.stderr.read()[-2000:]}")
+
+
+def a_worker_of(job):
+    """A training process of a torchrun job (convnet.py) or of a spawning one (distconvnet)."""
+    workers = [pid for pid in child_pids(job.pid)
+               if "convnet" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(workers) == 2, workers
+    return max(workers)
+
+
+@pytest.mark.parametrize("launch, failure", [(torchrun, signal.SIGKILL), (single, signal.SIGSTOP)],
+                         ids=["torchrun-dead", "spawn-silent"])
+def test_a_lost_rank_ends_the_job_in_time_and_the_checkpoint_stays_whole(demo_data, tmp_path,
+                                                                         launch, failure):
+    """A dead rank is noticed at once; a silent one (stopped) by the collective timeout, which
+    the test sets to 10 s (DISTCONVNET_TIMEOUT)."""
+    args = tiny_args(demo_data, tmp_path, "--train-range", "1-5", "--epochs", "1000")
+    if launch is single:
+        args += ["--gpu", "0,1"]
+    job, _ = start_and_wait_for_checkpoint(launch(args))
+    worker = a_worker_of(job)
+    started = time.monotonic()
+    try:
+        os.kill(worker, failure)
+        job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert time.monotonic() - started < 60
+    assert job.returncode != 0
+    saved = newest_checkpoint(tmp_path)
+    assert saved["batchnum"] % 2 == 0                       # a test event's checkpoint, whole
+
+
+def test_a_restarted_torchrun_job_resumes_the_newest_checkpoint(demo_data, tmp_path):
+    args = tiny_args(demo_data, tmp_path, "--train-range", "1-5", "--epochs", "4")
+    job, first = start_and_wait_for_checkpoint(torchrun(args, 2, "--max-restarts", "1"))
+    os.kill(a_worker_of(job), signal.SIGKILL)
+    out, err = job.communicate(timeout=180)
+    assert job.returncode == 0, err[-3000:]
+    out = "".join(first) + out
+    assert out.count("1.1 (0.00%)") == 1                    # the restart did not start over
+    assert out.count("Training ConvNet") == 2                # the first start and the restart
+    assert len(list(tmp_path.glob("ConvNet__*"))) == 1      # the restart kept the run's directory
+    final = newest_checkpoint(tmp_path)
+    assert (final["epoch"], final["batchnum"]) == (4, 5)
+    assert len(final["train_outputs"]) == 20                 # no batch lost, none counted twice
+
+
+def test_ctrl_c_reaches_the_spawned_workers_once(demo_data, tmp_path):
+    args = tiny_args(demo_data, tmp_path, "--train-range", "1-5", "--epochs", "1000", "--gpu",
+                     "0,1")
+    job, _ = start_and_wait_for_checkpoint(single(args))
+    workers = child_pids(job.pid)
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 130
+    assert err.count("Interrupted; checkpoints already written are intact.") == 1
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    newest_checkpoint(tmp_path)                              # still loads

@@ -1,0 +1,108 @@
+"""The pieces of data_parallel.py that need no second process: shard arithmetic, the forward
+each rank runs (scaling and the stand-in for an empty shard), cost sums and row gathering over
+ranks simulated in one process."""
+
+import numpy as np
+import pytest
+import torch
+
+from distconvnet.errors import OptionError
+from distconvnet.model import NetOutput
+from distconvnet.parallel import data_parallel
+from distconvnet.parallel.data_parallel import SingleProcess, _Ranks, shard_sizes
+from distconvnet.parallel.launch import LaunchInfo
+from distconvnet.providers.batches import shard_indices
+
+
+@pytest.mark.parametrize("num_cases, minibatch, world_size", [
+    (300, 13, 2), (300, 128, 3), (297, 128, 4), (5, 2, 4), (1, 7, 2), (0, 4, 2), (64, 64, 8)])
+def test_shard_sizes_are_the_pieces_of_shard_indices(num_cases, minibatch, world_size):
+    slices = -(-num_cases // minibatch)
+    for rank in range(world_size):
+        sizes = shard_sizes(num_cases, minibatch, rank, world_size)
+        assert len(sizes) == slices                     # every rank takes part in every update
+        assert sum(sizes) == len(shard_indices(num_cases, minibatch, rank, world_size))
+    assert sum(sum(shard_sizes(num_cases, minibatch, r, world_size))
+               for r in range(world_size)) == num_cases
+
+
+def test_one_process_takes_whole_minibatches():
+    assert SingleProcess().shard_sizes(300, 128) == [128, 128, 44]
+
+
+class SimulatedRanks(_Ranks):
+    """Rank `rank` of a world whose other ranks' contributions are given up front."""
+
+    def __init__(self, rank, world_size, others):
+        super().__init__(LaunchInfo(rank, rank, world_size, "torchrun"))
+        self.others = others
+
+    def all_gather(self, value):
+        return [value if r == self.rank else self.others[r] for r in range(self.world_size)]
+
+    def gather(self, value):
+        return self.all_gather(value) if self.is_master else None
+
+
+def test_each_rank_backpropagates_world_size_times_its_objective():
+    ranks = SimulatedRanks(0, 4, {})
+    forward = ranks.forward_fn(lambda mats: NetOutput(mats[0].sum(), {"cost": mats[0].sum(0)},
+                                                      {}))
+    out = forward([torch.ones(3, 2)])
+    assert out.objective.item() == 4 * 6
+    assert out.costs["cost"].tolist() == [3.0, 3.0]      # costs are not scaled
+
+
+def test_an_empty_shard_runs_a_zero_stand_in_that_contributes_nothing():
+    seen = []
+    weight = torch.ones(2, requires_grad=True)
+
+    def net(mats):
+        seen.append(tuple(m.shape for m in mats))
+        return NetOutput((mats[0] @ weight).sum() + 1, {"cost": torch.tensor([5.0, 1.0])}, {})
+
+    out = SimulatedRanks(1, 2, {}).forward_fn(net)([torch.zeros(0, 2), torch.zeros(0)])
+    assert seen == [((1, 2), (1,))]
+    out.objective.backward()
+    assert out.objective.item() == 0 and weight.grad.tolist() == [0.0, 0.0]
+    assert out.costs["cost"].tolist() == [0.0, 0.0]
+
+
+def test_cost_sums_add_over_ranks_in_float64():
+    ranks = SimulatedRanks(0, 3, {1: ({"logprob": [1.5, 2.0]}, 7), 2: ({}, 0)})
+    sums, cases = ranks.sum_over_ranks({"logprob": torch.tensor([0.25, 1.0])}, 6)
+    assert cases == 13
+    assert sums["logprob"].dtype == torch.float64 and sums["logprob"].tolist() == [1.75, 3.0]
+
+
+def test_rows_come_back_in_the_batchs_order():
+    num_cases, minibatch, world = 11, 4, 3
+    rows = torch.arange(num_cases, dtype=torch.float32)[:, None] * torch.ones(1, 2)
+    parts = {r: [rows[torch.from_numpy(shard_indices(num_cases, minibatch, r, world))]]
+             for r in range(world)}
+    master = SimulatedRanks(0, world, parts)
+    (whole,) = master.gather_rows(parts[0], minibatch)
+    assert torch.equal(whole, rows)
+    assert SimulatedRanks(1, world, parts).gather_rows(parts[1], minibatch) is None
+
+
+def test_backends_that_cannot_work_are_refused():
+    two = LaunchInfo(0, 0, 2, "torchrun")
+    with pytest.raises(OptionError, match="--dist-backend nccl needs CUDA"):
+        data_parallel.make_sync(two, "nccl", torch.device("cpu"))
+    with pytest.raises(OptionError, match="start the ranks with mpirun"):
+        data_parallel.make_sync(two, "mpi", torch.device("cpu"))
+    assert isinstance(data_parallel.make_sync(LaunchInfo(0, 0, 1, "single"), "mpi",
+                                              torch.device("cpu")), SingleProcess)
+
+
+def test_one_process_is_the_identity():
+    sync = SingleProcess()
+    sums = {"logprob": torch.tensor([1.0])}
+    assert sync.sum_over_ranks(sums, 5) == (sums, 5)
+    assert sync.broadcast("x") == "x" and sync.all_gather(3) == [3]
+    model = torch.nn.Linear(2, 2)
+    assert sync.wrap(model) is model
+    rows = [torch.ones(2)]
+    assert sync.gather_rows(rows, 4) is rows
+    np.testing.assert_array_equal(sync.shard_sizes(7, 7), [7])
