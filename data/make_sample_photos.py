@@ -5,7 +5,8 @@
 The photos bundled with scikit-learn (china.jpg, flower.jpg) and matplotlib (grace_hopper.jpg)
 are cut into random crops of varied scale, position and mirroring, saved as JPEG in the
 `train/<class>/`, `val/<class>/` layout that data/make_batches.py reads. Each class is one
-source photo, so a net can actually learn the task. Real image statistics, made in seconds.
+source photo (with more classes than photos, photos repeat), so with up to three classes a
+net can actually learn the task. Real image statistics, made in seconds.
 """
 
 import argparse
@@ -40,21 +41,22 @@ def main(argv=None):
     parser.add_argument("--tgt", required=True)
     parser.add_argument("--train", type=int, default=300, help="training photos in all")
     parser.add_argument("--val", type=int, default=60, help="validation photos in all")
-    parser.add_argument("--classes", type=int, default=3, help="one per source photo")
+    parser.add_argument("--classes", type=int, default=3,
+                        help="class k is cut from source photo k mod the number of photos")
     parser.add_argument("--size", type=int, default=320, help="side of each saved photo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--src", nargs="*", help="photos to cut (default: the bundled ones)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
-    photos = source_photos(args.src)[:max(1, args.classes)]
+    photos = source_photos(args.src)
     for split, count in (("train", args.train), ("val", args.val)):
         for k in range(count):
-            label = k % len(photos)
-            folder = os.path.join(args.tgt, split, f"class{label}")
+            label = k % args.classes
+            folder = os.path.join(args.tgt, split, f"class{label:04d}")
             os.makedirs(folder, exist_ok=True)
-            random_crop(photos[label], rng, args.size).save(
+            random_crop(photos[label % len(photos)], rng, args.size).save(
                 os.path.join(folder, f"{split}_{k:06d}.jpg"), quality=90)
-    print(f"Wrote {args.train} training and {args.val} validation photos of {len(photos)} "
+    print(f"Wrote {args.train} training and {args.val} validation photos of {args.classes} "
           f"classes to {args.tgt}")
 
 

@@ -109,7 +109,7 @@ def our_session(layer_def, layer_params, dims, classes, device, mini, precision,
     return types.SimpleNamespace(
         model=model, optimizer=Ccn2SGD(model.weight_layers(), mini),
         forward=fastpath.forward_fn(model, compile_model),
-        autocast=fastpath.autocast(device, precision),
+        autocast=fastpath.autocast(device, precision), pass_schedule=None,
         minibatches=lambda mats: ([m[i:i + mini] for m in mats]
                                   for i in range(0, mats[0].shape[0], mini)))
 
@@ -210,8 +210,8 @@ def bench_jpeg(args, device):
     def bare():
         data = fn.external_source(source=_cycle(jpegs, args.batch), dtype=dtypes.UINT8)
         images = fn.decoders.image(data, device="mixed", output_type=dtypes.RGB)
-        return fn.crop_mirror_normalize(images, crop=(224, 224), crop_pos_x=fn.random.uniform(),
-                                        crop_pos_y=fn.random.uniform(),
+        return fn.crop_mirror_normalize(images, crop=(224, 224), crop_pos_x=fn.random.uniform(range=[0, 1]),
+                                        crop_pos_y=fn.random.uniform(range=[0, 1]),
                                         mirror=fn.random.coin_flip(), dtype=dtypes.FLOAT,
                                         mean=[124.0, 117.0, 104.0], std=[1.0, 1.0, 1.0])
     pipe = bare()
@@ -219,8 +219,8 @@ def bench_jpeg(args, device):
     iters = max(1, total // args.batch)
     ceiling = measure(lambda: [pipe.run() for _ in range(iters)], iters * args.batch, device, 1,
                       args.repeats)
-    out.append(line("image provider alone vs bare DALI decode+crop (the ceiling)",
-                    provider_rate, ceiling, "bare DALI"))
+    print(line("image provider alone vs bare DALI decode+crop (the ceiling)",
+               provider_rate, ceiling, "bare DALI"), flush=True)
 
     ours = our_session(os.path.join(LAYERS, "layers-imagenet-1gpu.cfg"),
                        os.path.join(LAYERS, "layer-params-imagenet-1gpu.cfg"),

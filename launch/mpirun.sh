@@ -20,7 +20,9 @@ if "$mpirun" --version 2>&1 | grep -q "Open MPI"; then
   [ "$(id -u)" -ne 0 ] || export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
   args+=(--bind-to none)
   for name in NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST NVSHMEM_DISABLE_NVLS \
-              OMP_NUM_THREADS PATH LD_LIBRARY_PATH; do args+=(-x "$name"); done
+              OMP_NUM_THREADS PATH LD_LIBRARY_PATH PYTHONPATH; do
+    [ -z "${!name+set}" ] || args+=(-x "$name")
+  done
   [ -z "${HOSTFILE:-}" ] || args+=(--hostfile "$HOSTFILE")
 else                                                # MPICH, Intel MPI (Hydra)
   args+=(-genvall)
