@@ -100,7 +100,7 @@ def plain_step(model, optimizer, autocast):
     return step
 
 
-# -- ours: the trainer's own step -------------------------------------------------------------------
+# -- ours: the trainer's own step -----------------------------------------------------------------
 
 def our_session(layer_def, layer_params, dims, classes, device, mini, precision, compile_model):
     """The pieces of a training Session that a step touches, built the way Session builds them."""
@@ -114,7 +114,7 @@ def our_session(layer_def, layer_params, dims, classes, device, mini, precision,
                                   for i in range(0, mats[0].shape[0], mini)))
 
 
-# -- timing -------------------------------------------------------------------------------------------
+# -- timing ---------------------------------------------------------------------------------------
 
 def _sync(device):
     if device.type == "cuda":
@@ -163,7 +163,6 @@ def bench_net(name, layer_def, layer_params, plain_cls, size, classes, args, dev
     batch_obj = types.SimpleNamespace(mats=[images, labels.float()])
     ours_result = measure(lambda: train_on_batch(ours, batch_obj), batch * runs, device,
                           args.warmup, args.repeats)
-    del ours
     out = []
     for peer_name, precision, fast in peers:
         model = plain_cls().to(device)
@@ -184,7 +183,7 @@ def bench_net(name, layer_def, layer_params, plain_cls, size, classes, args, dev
     return out
 
 
-# -- (b) JPEG batches ---------------------------------------------------------------------------------
+# -- (b) JPEG batches -----------------------------------------------------------------------------
 
 def bench_jpeg(args, device):
     from nvidia.dali import fn, pipeline_def, types as dtypes
@@ -210,7 +209,8 @@ def bench_jpeg(args, device):
     def bare():
         data = fn.external_source(source=_cycle(jpegs, args.batch), dtype=dtypes.UINT8)
         images = fn.decoders.image(data, device="mixed", output_type=dtypes.RGB)
-        return fn.crop_mirror_normalize(images, crop=(224, 224), crop_pos_x=fn.random.uniform(range=[0, 1]),
+        return fn.crop_mirror_normalize(images, crop=(224, 224),
+                                        crop_pos_x=fn.random.uniform(range=[0, 1]),
                                         crop_pos_y=fn.random.uniform(range=[0, 1]),
                                         mirror=fn.random.coin_flip(), dtype=dtypes.FLOAT,
                                         mean=[124.0, 117.0, 104.0], std=[1.0, 1.0, 1.0])
@@ -257,7 +257,8 @@ class _JpegDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
         image = np.asarray(Image.open(BytesIO(self.jpegs[i].tobytes())).convert("RGB"))
-        y, x = np.random.randint(0, image.shape[0] - 223), np.random.randint(0, image.shape[1] - 223)
+        y = np.random.randint(0, image.shape[0] - 223)
+        x = np.random.randint(0, image.shape[1] - 223)
         crop = image[y:y + 224, x:x + 224]
         if np.random.rand() < 0.5:
             crop = crop[:, ::-1]

@@ -11,7 +11,7 @@ from torch import nn
 
 from .cfg import read_cfg
 from .errors import ConfigError
-from .layers import REGISTRY, BuildContext, WeightLayer
+from .layers import REGISTRY, WeightLayer
 
 _STRUCTURAL_KEYS = ("type", "inputs")
 
@@ -123,7 +123,8 @@ class ConvNet(nn.Module):
                                               f"{layer.type_name} layer", "children")
                 self.children_of.setdefault(layer.name, []).append(child)
         folded = {c for cs in self.children_of.values() for c in cs}
-        self.printed_costs = [layer.name for layer in self.cost_layers() if layer.name not in folded]
+        self.printed_costs = [layer.name for layer in self.cost_layers()
+                              if layer.name not in folded]
         consumers = {}
         for layer in self.layers.values():
             for n in layer.input_names:

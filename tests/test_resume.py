@@ -136,8 +136,8 @@ def test_unchanged_params_print_no_changes(tiny_run, tmp_path):
     assert batch_ids(resumed) == all_batches(3, range(1, 5))[8:]
 
 
-def test_save_file_auto_resumes_and_a_moved_checkpoint_saves_where_it_now_is(digit_cifar,
-                                                                              tmp_path):
+def test_save_file_auto_resumes_and_a_moved_checkpoint_saves_where_it_now_is(
+        digit_cifar, tmp_path):
     first_dir, moved_dir = tmp_path / "first", tmp_path / "moved"
     argv = tiny_args(digit_cifar, tmp_path, "--save-file", first_dir, "--test-freq", "5")
     status, stdout, stderr = run_in_process([*argv, "--epochs", "1"])

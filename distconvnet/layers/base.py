@@ -190,7 +190,8 @@ class WeightLayer(Layer):
                 w = torch.randn(shape) * init_w[i]
             self.weights.append(nn.Parameter(w.float()))
         if b_func:
-            b = self._call_init_func(sec, "initBFunc", b_func, None, self.ccn2_bias_shape(bias_shape))
+            b = self._call_init_func(sec, "initBFunc", b_func, None,
+                                     self.ccn2_bias_shape(bias_shape))
             b = torch.as_tensor(np.asarray(b, dtype=np.float32)).reshape(bias_shape)
         else:
             b = torch.full(bias_shape, init_b)
@@ -218,7 +219,8 @@ class WeightLayer(Layer):
         module_name, _, func_name = path.rpartition(".")
         if not module_name or not func_name:
             raise sec.error(f"{key}={spec!r}: expected module.function(params)", key)
-        params = [p.strip() for p in args.rstrip(")").split(",")] if paren and args.rstrip(")") else []
+        args = args.rstrip(")") if paren else ""
+        params = [p.strip() for p in args.split(",")] if args else []
         try:
             func = getattr(importlib.import_module(module_name), func_name)
             out = (func(self.name, input_idx, shape, params=params) if input_idx is not None

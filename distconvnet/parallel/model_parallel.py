@@ -69,7 +69,7 @@ class PassSchedule:
         self.rank, self.distributed = rank, world_size > 1
         self.group = self.placement.group_of(rank)
         self.inputs = {name: list(layer.input_names) + ([model.logits_for[name]]
-                                                         if name in model.logits_for else [])
+                                                        if name in model.logits_for else [])
                        for name, layer in model.layers.items()}
         self.local = {name: self.placement.local_replicas(name, rank) for name in plan.order}
         self.cuts = self.placement.cut_layers(self.inputs, rank)

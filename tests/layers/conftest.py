@@ -8,7 +8,6 @@ from distconvnet.cfg import read_cfg
 from distconvnet.layers import REGISTRY, BuildContext
 
 
-
 @pytest.fixture
 def make_layer(tmp_path):
     """make_layer(def_text, inputs, params_text=None, ctx=None) -> built layer.

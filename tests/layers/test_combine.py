@@ -6,20 +6,12 @@ import pytest
 import torch
 
 from distconvnet.errors import ConfigError
-from fakes import FakeInput
+from layer_helpers import FakeInput, check_error
 
 
 def cfg(type_name, inputs="a,b", **keys):
     lines = ["[mix]", f"type={type_name}", f"inputs={inputs}"]
     return "\n".join(lines + [f"{k}={v}" for k, v in keys.items()]) + "\n"
-
-
-def check_error(excinfo, line, layer, *fragments):
-    err = excinfo.value
-    assert (err.line, err.layer) == (line, layer)
-    assert str(err).startswith(f"{err.path}:{line}: layer '{layer}': ")
-    for fragment in fragments:
-        assert fragment in str(err)
 
 
 def vectors(*xs):

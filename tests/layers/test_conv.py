@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distconvnet.errors import ConfigError
-from fakes import FakeInput
+from layer_helpers import FakeInput, gradcheck_layer
 
 
 def cfg(type_name, **keys):
@@ -50,18 +50,6 @@ def randomise_biases(layer):
 
 def ccn2_bias(layer):
     return layer.biases.detach().double().numpy().reshape(layer.ccn2_bias_shape(layer.biases.shape))
-
-
-def gradcheck_layer(layer, xs):
-    layer = layer.double()
-    names = [name for name, _ in layer.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
-
-    def run(*args):
-        return torch.func.functional_call(layer, dict(zip(names, args[len(xs):])), args[:len(xs)])
-
-    xs = [x.double().requires_grad_() for x in xs]
-    assert torch.autograd.gradcheck(run, (*xs, *params))
 
 
 # -- geometry ---------------------------------------------------------------------------------

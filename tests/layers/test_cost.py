@@ -12,7 +12,7 @@ from distconvnet.errors import ConfigError
 from distconvnet.layers import BuildContext
 from distconvnet.layers.neuron import NEURON_TYPES
 from distconvnet.model import ConvNet
-from fakes import FakeInput
+from layer_helpers import FakeInput, check_error
 
 CLASSES = 10
 
@@ -25,14 +25,6 @@ def cost_cfg(type_name, inputs="labels,probs", **keys):
 def logreg_inputs(classes=CLASSES):
     return [FakeInput("labels", outputs=1), FakeInput("probs", outputs=classes,
                                                       type_name="softmax")]
-
-
-def check_error(excinfo, line, layer, *fragments):
-    err = excinfo.value
-    assert (err.line, err.layer) == (line, layer)
-    assert str(err).startswith(f"{err.path}:{line}: layer '{layer}': ")
-    for fragment in fragments:
-        assert fragment in str(err)
 
 
 def softmax64(x):

@@ -6,7 +6,7 @@ import torch
 
 from distconvnet.cfg import read_cfg
 from distconvnet.errors import ConfigError
-from fakes import FakeInput
+from layer_helpers import FakeInput, check_error
 
 KEEP = 0.75
 CASES, DIM = 200, 50      # 10000 units: the kept fraction's standard deviation is 0.0043
@@ -99,13 +99,6 @@ def test_image_inputs_keep_shape_and_geometry_but_print_flat(make_layer):
 
 
 # -- errors ----------------------------------------------------------------------------------
-
-def check_error(excinfo, line, layer, *fragments):
-    err = excinfo.value
-    assert (err.line, err.layer) == (line, layer)
-    assert str(err).startswith(f"{err.path}:{line}: layer '{layer}': ")
-    for fragment in fragments:
-        assert fragment in str(err)
 
 
 @pytest.mark.parametrize("type_name", ["dropout", "dropout2"])

@@ -8,7 +8,7 @@ import torch
 from distconvnet.errors import ConfigError
 from distconvnet.layers import BuildContext
 from distconvnet.model import ConvNet
-from fakes import FakeInput
+from layer_helpers import FakeInput, check_error
 
 
 def neuron_cfg(spec):
@@ -117,13 +117,6 @@ def test_inline_neuron_becomes_a_layer_named_after_its_host(tmp_path):
 
 
 # -- errors ----------------------------------------------------------------------------------
-
-def check_error(excinfo, line, layer, *fragments):
-    err = excinfo.value
-    assert (err.line, err.layer) == (line, layer)
-    assert str(err).startswith(f"{err.path}:{line}: layer '{layer}': ")
-    for fragment in fragments:
-        assert fragment in str(err)
 
 
 def test_nrelu_is_not_supported(make_layer):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fakes import FakeInput
+from layer_helpers import FakeInput
 from distconvnet.cfg import read_cfg
 from distconvnet.errors import ConfigError
 

@@ -9,7 +9,7 @@ import torch
 
 from distconvnet.errors import ConfigError
 
-from fakes import FakeInput
+from layer_helpers import FakeInput
 
 
 def section(type_name, **keys):
