@@ -61,6 +61,8 @@ def train_command(argv):
     from .session import Session, plan_run
     from .train import train
     plan = plan_run(argv)
+    if plan.opts.check_grads:       # spec §3.2: the check comes before every other mode
+        return check_grads_command(plan)
     workers = workers_to_spawn(plan.opts)
     if workers > 1:
         del plan                # each worker reads the checkpoint itself
@@ -85,6 +87,17 @@ def train_command(argv):
             train(session)
     session.close()
     return 0
+
+
+def check_grads_command(plan):
+    """--check-grads 1: one block per matrix, the tally, and exit status 1 if any failed."""
+    from .gradcheck import check_from_options, summary_line
+    results = check_from_options(plan.opts, plan.state)
+    for result in results:
+        for line in result.lines():
+            print(line)
+    print(summary_line(results))
+    return 0 if all(r.passed for r in results) else 1
 
 
 def summary_command(argv):

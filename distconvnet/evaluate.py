@@ -1,4 +1,5 @@
-"""Test passes: the test event, --test-only, --multiview-test averaging, --write-features."""
+"""Test passes: the test event, --test-only, --multiview-test averaging, --write-features,
+--test-out."""
 
 import os
 import time
@@ -11,16 +12,16 @@ from .errors import OptionError
 from .fileio import atomic_write
 
 
-def run_test(session, batches, on_batch=None):
+def run_test(session, batches, on_batch=None, keep=None):
     """Evaluate `batches` (DataBatch objects) without dropout; returns (cost sums, cases).
 
     `on_batch(batch, sums, cases, seconds, acts)` is called after each batch (test-only lines,
-    feature files).
+    feature files); `acts` holds the (view-averaged) outputs of the `keep` layers.
     """
     model = session.model
     model.eval()
     total, total_cases = {}, 0
-    keep = session.feature_layers()
+    keep = session.feature_layers() if keep is None else keep
     with torch.no_grad():
         for batch in batches:
             started = time.perf_counter()
@@ -85,16 +86,22 @@ def _multiview_costs(session, mats, views, cases, start, stop, keep):
 def test_only(session):
     """--test-only 1: every test batch, one line each, then the whole set's costs (spec §9.2)."""
     console = session.console
+    keep = session.feature_layers()
     if session.opts.write_features:
         check_feature_layer(session.model, session.opts.write_features)
+    if session.opts.test_out:
+        probs = check_logreg_layer(session.model, session.opts.logreg_name).probs_input
+        keep = sorted(set(keep) | {probs})
 
     def on_batch(batch, sums, cases, seconds, acts):
         if session.opts.write_features:
             write_feature_file(session, batch, acts[session.opts.write_features])
+        if session.opts.test_out:
+            write_predictions_file(session, batch, acts[probs])
         console.line(report.test_only_batch_line(batch.batchnum, session.raw_sums(sums), cases,
                                                  seconds))
 
-    sums, cases = run_test(session, session.all_test_batches(), on_batch)
+    sums, cases = run_test(session, session.all_test_batches(), on_batch, keep)
     console.write(report.test_only_block(session.printed_costs(sums, cases),
                                          session.weight_stats()))
     if session.opts.write_features:
@@ -112,6 +119,32 @@ def check_feature_layer(model, name):
         problem = "is a cost layer" if layer is not None else "is not a layer of this net"
         raise OptionError(f"--write-features {name}: '{name}' {problem} (layers with outputs: "
                           f"{usable})")
+
+
+def check_logreg_layer(model, name):
+    """--logreg-name must name a cost.logreg layer: its probabilities are what --test-out
+    writes. Returns the layer."""
+    layer = model.layers[name] if name in model.layers else None
+    if layer is None or layer.type_name != "cost.logreg":
+        logregs = ", ".join(n for n, other in model.layers.items()
+                            if other.type_name == "cost.logreg")
+        raise OptionError(f"--logreg-name {name}: '{name}' is not a cost.logreg layer of this "
+                          f"net (cost.logreg layers: {logregs or 'none'})")
+    return layer
+
+
+def write_predictions_file(session, batch, probs):
+    """`<test-out>/test_preds_<N>`: {'data': (cases, classes) float32 probabilities averaged
+    over the views, 'note': 'generated from <checkpoint>'} (spec §12.2; the original's copy was
+    commented out and wrote zeros). With several ranks, rank 0 gathers and writes."""
+    gathered = session.gather_rows([probs])
+    if gathered is None:
+        return
+    os.makedirs(session.opts.test_out, exist_ok=True)
+    path = os.path.join(session.opts.test_out, f"test_preds_{batch.batchnum}")
+    payload = {"data": gathered[0].cpu().numpy().astype(np.float32),
+               "note": f"generated from {session.state['path']}"}
+    atomic_write(path, safepickle.dumps(payload))
 
 
 def write_feature_file(session, batch, features):

@@ -22,11 +22,12 @@ def resolve_compile(setting, device):
     return bool(int(setting))
 
 
-def place(model, device):
-    """Move the net; on CUDA use channels_last (what cuDNN's fast conv kernels want)."""
+def place(model, device, autotune=True):
+    """Move the net; on CUDA use channels_last (what cuDNN's fast conv kernels want) and, unless
+    `autotune` is off (--deterministic 1), let cuDNN time its kernels and keep the fastest."""
     model = model.to(device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = autotune
         model = model.to(memory_format=torch.channels_last)
     return model
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import checkpoint, fastpath, metrics, options, report
+from . import checkpoint, fastpath, metrics, netedit, options, report
 from .cfg import read_cfg, read_text
 from .layers import BuildContext
 from .model import ConvNet
@@ -54,6 +54,16 @@ def _final_options(cli, state):
     return options.merge_for_resume(saved, cli)
 
 
+def use_deterministic_algorithms():
+    """--deterministic 1: the same run gives the same bits. cuBLAS reads its workspace setting
+    when it first starts, so this comes before any CUDA work; cuDNN autotuning, which may pick
+    different kernels run to run, is left off by fastpath.place(autotune=False)."""
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 class Session:
     def __init__(self, argv, stream=None, plan=None):
         cli, self.state, self.opts = plan or plan_run(argv)
@@ -91,6 +101,8 @@ class Session:
     def _pick_device(self):
         if self.opts.device == "auto" and not torch.cuda.is_available():
             self.console.line("No CUDA device is available: running on the CPU.")
+        if self.opts.deterministic:
+            use_deterministic_algorithms()
         return launch.pick_device(self.opts.device, self.opts.gpu, self.launch)
 
     def _check_same_checkpoint(self):
@@ -134,10 +146,12 @@ class Session:
         def_text = self.state["layer_def"] if self.state else read_text(def_path)
         self.layer_params_text = read_text(params_path)
         ctx = BuildContext(self.test_data.get_data_dims, self.test_data.get_num_classes())
+        if self.state:
+            def_text = self._edit_loaded_net(def_path, params_path, def_text, ctx)
         self.layer_def_text = def_text
         self.model = fastpath.place(ConvNet(def_path, params_path, ctx, layer_def_text=def_text,
                                             layer_params_text=self.layer_params_text),
-                                    self.device)
+                                    self.device, autotune=not self.opts.deterministic)
         self.precision = fastpath.resolve_precision(self.opts.precision, self.device)
         self.autocast = fastpath.autocast(self.device, self.precision)
         self.parallel_plan = Plan(nodes_of(self.model))
@@ -148,6 +162,22 @@ class Session:
                                       fastpath.resolve_compile(self.opts.compile, self.device))
         self.forward = forward if self.pass_schedule is not None else \
             self.sync.forward_fn(forward)
+
+    def _edit_loaded_net(self, def_path, params_path, def_text, ctx):
+        """--unshare-weights and --conv-to-local (spec §3.2): edit the checkpoint's net text and
+        state before the net is built from them, then forget the edits so that a later resume
+        does not apply them again (the reset options are what the next checkpoint stores)."""
+        unshare, to_local = self.opts.unshare_weights, self.opts.conv_to_local
+        if not unshare and not to_local:
+            return def_text
+        loaded = ConvNet(def_path, params_path, ctx, layer_def_text=def_text,
+                         layer_params_text=self.layer_params_text)
+        def_text, self.state["model"], self.state["optimizer"], lines = netedit.apply_edits(
+            def_text, self.state["model"], self.state["optimizer"], loaded, unshare, to_local)
+        for line in lines:
+            self.console.line(line)
+        self.opts.values["unshare_weights"], self.opts.values["conv_to_local"] = [], []
+        return def_text
 
     def _pass_schedule(self):
         """spec §8: several passes per minibatch (hybrid nets), or layers spread over several

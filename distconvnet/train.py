@@ -7,6 +7,8 @@ accumulate on the device and are read once per data batch, so no minibatch waits
 import math
 import time
 
+import torch
+
 from . import report
 from .errors import OptionError, TrainingDiverged
 from .evaluate import run_test
@@ -28,6 +30,11 @@ def train(session):
         console.write(report.batch_prefix(batch.epoch, batch.batchnum, progress))
 
         sums, cases = session.sum_over_ranks(*train_on_batch(session, batch))
+        if opts.conserve_mem and session.device.type == "cuda":
+            # Autograd already frees each minibatch's activations after backward; what stays is
+            # the caching allocator's hold on them. Handing it back lets other processes on the
+            # GPU use it, at the cost of fresh allocations next batch (spec's "slower").
+            torch.cuda.empty_cache()
         costs = session.record_train(batch.epoch, batch.batchnum, sums, cases)
         console.write(report.cost_line(costs))
         session.metrics.train_batch(
