@@ -7,8 +7,10 @@ code. It contains the text of both cfg files, the weights and momentum buffers, 
 the train/test histories, the position in the data and every RNG state.
 
 Writes are atomic: the bytes go to a hidden temp file in the same directory, are fsync'ed, and
-are renamed over the final name; only then are older checkpoints removed. A kill at any instant
-leaves the previous checkpoint (or the new one) whole.
+are renamed over the final name; only then are older checkpoints removed, with the temp files of
+writers that were killed mid-save. A kill at any instant leaves the previous checkpoint (or the
+new one) whole. A write that fails (a full disk) removes its temp file and stops the run with
+one line; the previous checkpoint stays.
 """
 
 import io
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-from .fileio import atomic_write
+from .fileio import atomic_write, temp_target
 
 FORMAT = "distconvnet-checkpoint"
 VERSION = 1
@@ -34,16 +36,24 @@ def new_run_dir(save_path, now=None):
 
 
 def save(run_dir, epoch, batchnum, state):
-    """Atomically write `state` as `<run_dir>/<epoch>.<batchnum>`; remove older checkpoints."""
-    os.makedirs(run_dir, exist_ok=True)
+    """Atomically write `state` as `<run_dir>/<epoch>.<batchnum>`; remove older checkpoints.
+
+    Only one process saves into a run directory (rank 0 of one job), so any other checkpoint
+    temp file there was left by a writer that was killed."""
     name = f"{epoch}.{batchnum}"
+    path = os.path.join(run_dir, name)
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
-    atomic_write(os.path.join(run_dir, name), buffer.getbuffer())
-    for other in os.listdir(run_dir):
-        if other != name and _NAME_RE.match(other):
-            os.unlink(os.path.join(run_dir, other))
-    return os.path.join(run_dir, name)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_write(path, buffer.getbuffer())
+        for other in os.listdir(run_dir):
+            if other != name and _NAME_RE.match(temp_target(other) or other):
+                os.unlink(os.path.join(run_dir, other))
+    except OSError as e:
+        raise CheckpointError(f"Error saving checkpoint '{path}': {e.strerror or e} (the "
+                              f"previous checkpoint is kept)") from None
+    return path
 
 
 def resolve(path):
@@ -66,7 +76,7 @@ def load_state(path, map_location="cpu"):
         state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as e:  # damaged, truncated, or not ours: one line, whatever the cause
         raise CheckpointError(f"Error loading checkpoint: '{file}' is damaged or not a "
-                              f"distconvnet checkpoint ({type(e).__name__}: {e})") from None
+                              f"distconvnet checkpoint ({_load_failure(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"Error loading checkpoint: '{file}' is not a distconvnet checkpoint")
     if state.get("version", 0) > VERSION:
@@ -74,6 +84,19 @@ def load_state(path, map_location="cpu"):
                               f"distconvnet (format {state['version']})")
     state["path"] = file
     return state
+
+
+def _load_failure(error):
+    """Why torch.load failed, in one line: its messages span many, with terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    refused = re.search(r"\bGLOBAL ([\w.]+)", text)
+    if refused:
+        return f"it holds a Python object, {refused.group(1).rstrip('.')}, which is not loaded"
+    # The weights-only unpickler's own reason follows a paragraph of advice; other messages
+    # say what failed in their first sentence.
+    text = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+    first = re.split(r"(?<=\.)\s", " ".join(text.split()))[0]
+    return f"{type(error).__name__}: {first}"[:300]
 
 
 def load(path):

@@ -55,7 +55,11 @@ def _evaluate_batch(session, batch, keep):
             sums[name] = values if name not in sums else sums[name] + values
         for name in keep:
             acts[name].append(kept[name].float().flatten(1))
-    return sums, cases, {k: torch.cat(v) for k, v in acts.items()}
+    # A rank's shard of a short test batch may be empty: it still hands on rows of the right
+    # width, so that gathering the ranks' rows needs no special case.
+    return sums, cases, {name: torch.cat(rows) if rows else
+                         torch.zeros((0, model.layers[name].outputs), device=session.device)
+                         for name, rows in acts.items()}
 
 
 def _multiview_costs(session, mats, views, cases, start, stop, keep):

@@ -190,7 +190,9 @@ class Session:
         if world > 1 and self.opts.dist_backend == "mpi":
             raise OptionError("--dist-backend mpi syncs data-parallel nets only; this net "
                               "places layers on different GPUs (gpu=): use gloo or nccl")
-        schedule = PassSchedule(self.model, plan, world_size=world, rank=self.sync.rank)
+        schedule = PassSchedule(self.model, plan, world_size=world, rank=self.sync.rank,
+                                compile_layers=fastpath.resolve_compile(self.opts.compile,
+                                                                        self.device))
         schedule.create_process_groups()
         return schedule
 
@@ -298,6 +300,9 @@ class Session:
         return self.sync.gather_rows(tensors, self.opts.minibatch_size)
 
     def close(self):
+        for provider in (self.train_data, self.test_data):
+            if hasattr(provider, "close"):
+                provider.close()    # the image provider's threads and DALI buffers
         self.sync.close()
 
     def feature_layers(self):

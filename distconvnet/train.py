@@ -81,9 +81,6 @@ def train_passes(session, batch, schedule):
         costs = schedule.train_minibatch(mats, session.optimizer, session.autocast, cases)
         for name, values in costs.items():
             sums[name] = values if name not in sums else sums[name] + values
-    # Every rank's copy of every layer made current, for the tests, statistics and checkpoints
-    # that may follow this batch.
-    schedule.share_weights(session.optimizer)
     return schedule.folded_costs(sums), local_cases
 
 
@@ -91,6 +88,11 @@ def test_and_save(session):
     """A test event: the test block, the weight statistics, a checkpoint (spec §7)."""
     console = session.console
     started = time.perf_counter()
+    if session.pass_schedule is not None:
+        # Ranks train only the layers they hold; the test runs the whole net on every rank, and
+        # the statistics and checkpoint read it all, so every copy is made current here, the
+        # only time training needs it (not per batch).
+        session.pass_schedule.share_weights(session.optimizer)
     sums, cases = run_test(session, session.test_batches_for_event())
     costs = session.record_test(sums, cases)
     averages = session.test_averages()

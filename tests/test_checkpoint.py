@@ -27,10 +27,15 @@ for k in range(1, 10_000):
 
 def test_save_keeps_only_newest_and_loads(tmp_path):
     run_dir = str(tmp_path / "ConvNet__x")
+    os.makedirs(run_dir)
+    # Left by writers killed mid-save (removed), and files that are not checkpoints (kept).
+    for name in (".2.3.4242.0123abcd.tmp", ".2.12.4242.89abcdef.tmp", ".notes.txt.1.0123abcd.tmp",
+                 "metrics.jsonl"):
+        (tmp_path / "ConvNet__x" / name).write_bytes(b"partial")
     for batch in (3, 12):
         checkpoint.save(run_dir, 2, batch, {"model": {"layers.fc.biases": torch.ones(3) * batch},
                                             "epoch": 2, "batchnum": batch})
-    assert sorted(os.listdir(run_dir)) == ["2.12"]
+    assert sorted(os.listdir(run_dir)) == [".notes.txt.1.0123abcd.tmp", "2.12", "metrics.jsonl"]
     state = checkpoint.load_state(run_dir)
     assert state["batchnum"] == 12 and state["path"].endswith("2.12")
 
@@ -56,7 +61,8 @@ def test_code_in_a_checkpoint_is_not_run(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path}/pwned",))
     torch.save({"format": checkpoint.FORMAT, "evil": Evil()}, str(tmp_path / "1.1"))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"it holds a Python object, posix\.system, "
+                                              r"which is not loaded\)$"):
         checkpoint.load_state(str(tmp_path))
     assert not (tmp_path / "pwned").exists()
 

@@ -18,7 +18,8 @@ TINY = ({0: 3 * 8 * 8, 1: 1}, 10)
 
 # name -> (data dims and classes, {layer: (channels, size) or outputs}, parameter count)
 # The ImageNet counts, by hand: conv1..5 2,469,696; fc 9216·4096 + 4096·4096 + 4096·1000
-# + biases = 58,631,144; the hybrid net splits the same fc layers four ways, so the same sum.
+# + biases = 58,631,144; the hybrid nets split the same fc layers two or four ways, so the
+# same sum.
 # The two-tower net: convs 2 × 1,167,040, fc 37,752,832 + 16,781,312 + 4,097,000.
 # CIFAR: conv 4,864 + 102,464; local 36 modules × 576 × (64 | 32) + untied biases
 # 1,329,408 + 664,704; fc10 11,530. Tiny: 448 + 16 × 144 × 16 + 256 + 2,570.
@@ -34,6 +35,9 @@ NETS = {
     "imagenet-4gpu-data-model": (IMAGENET, {"pool3": (256, 6), "fc1024a": 1024, "pass1a": 4096,
                                             "pass1d": 4096, "fc1024bd": 1024, "pass2a": 4096,
                                             "fc1000": 1000}, 61_100_840),
+    "imagenet-2gpu-hybrid": (IMAGENET, {"pool3": (256, 6), "fc2048a": 2048, "pass1b": 4096,
+                                        "fc2048bb": 2048, "pass2a": 4096, "fc1000": 1000},
+                             61_100_840),
     "imagenet-2gpu-model": (IMAGENET, {"conv1a": (48, 55), "pool1b": (48, 27),
                                        "conv2a": (128, 27), "cnorm2b": (128, 27),
                                        "pool2a": (128, 13), "conv3b": (192, 13),
@@ -60,6 +64,8 @@ GPUS = {
     "imagenet-4gpu-data-model": {"conv1": [0, 1, 2, 3], "pool3": [0, 1, 2, 3], "fc1024c": [2],
                                  "pass1b": [1], "fc1024bb": [1], "pass2a": [0], "fc1000": [0],
                                  "logprob": [0]},
+    "imagenet-2gpu-hybrid": {"conv1": [0, 1], "pool3": [0, 1], "fc2048b": [1], "pass1a": [0],
+                             "fc2048bb": [1], "fc1000": [0], "logprob": [0]},
     "imagenet-2gpu-model": {"conv1a": [0], "conv1b": [1], "conv3b": [1], "fc2048bb": [1],
                             "fc1000": [0], "logprob": [0]},
 }

