@@ -78,7 +78,8 @@ def load_state(path, map_location="cpu"):
         raise CheckpointError(f"Error loading checkpoint: '{file}' is damaged or not a "
                               f"distconvnet checkpoint ({_load_failure(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"Error loading checkpoint: '{file}' is not a distconvnet checkpoint")
+        raise CheckpointError(f"Error loading checkpoint: '{file}' is not a distconvnet "
+                              "checkpoint")
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"Error loading checkpoint: '{file}' was written by a newer "
                               f"distconvnet (format {state['version']})")

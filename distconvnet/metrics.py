@@ -21,6 +21,7 @@ in force; `time` is Unix time. A NaN or infinite cost is written as null (strict
 import json
 import math
 import os
+import sys
 import time
 
 from .errors import OptionError
@@ -121,9 +122,15 @@ class MetricsLog:
     def _write(self, record):
         if self.path is None:
             return
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+        except OSError as e:
+            # Losing the log must not stop a run that can still train and save checkpoints.
+            print(f"warning: cannot append to {self.path} ({e.strerror}); the metrics log "
+                  f"stops here", file=sys.stderr, flush=True)
+            self.path = None
 
     def _scalars(self, step, values):
         if self.writer is None:

@@ -311,12 +311,22 @@ class Session:
     def test_batches_for_event(self):
         """--test-one 1: the next test batch, cycling; 0: the whole test range."""
         if self.opts.test_one:
-            return [self.test_data.get_next_batch()]
+            return [self._next_test_batch()]
         return self.all_test_batches()
 
     def all_test_batches(self):
         for _ in self.opts.test_batch_range:
-            yield self.test_data.get_next_batch()
+            yield self._next_test_batch()
+
+    def _next_test_batch(self):
+        batch = self.test_data.get_next_batch()
+        self.report_data_warnings(self.test_data)
+        return batch
+
+    def report_data_warnings(self, provider):
+        """What a provider handled on its own (bad images replaced), on stderr, from any rank."""
+        for text in getattr(provider, "take_warnings", list)():
+            self.console.warn(self.sync.rank, f"warning: {text}")
 
     # -- history and numbers -----------------------------------------------------------------
     def raw_sums(self, sums):

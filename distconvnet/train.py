@@ -24,6 +24,7 @@ def train(session):
     while not session.finished():
         waiting = time.perf_counter()
         batch = session.train_data.get_next_batch()
+        session.report_data_warnings(session.train_data)
         progress = session.progress(batch.epoch, batch.batchnum)
         session.optimizer.set_progress(progress)
         started = time.perf_counter()

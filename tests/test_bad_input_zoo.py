@@ -47,34 +47,34 @@ def image_data(tmp_path_factory):
     """A JPEG data set in the image provider's layout: real digit images, 12x12."""
     root = tmp_path_factory.mktemp("image-zoo")
     images, labels = digit_images(IMAGE_SIZE)
-    pixels = images.transpose(0, 2, 3, 1)
+    write_meta(root, {"data_mean": images.reshape(len(images), -1).mean(axis=0).astype(
+        np.float32).reshape(-1, 1), "label_names": [str(d) for d in range(10)],
+        "num_vis": 3 * IMAGE_SIZE ** 2, "batch_size": IMAGES_PER_BATCH})
 
-    def batch(number, encoded, batch_labels=None):
-        batch_labels = batch_labels or [[int(v)] for v in labels[:IMAGES_PER_BATCH]]
-        write_batch(root, number, {"data": encoded, "labels": batch_labels},
+    def batch(number, damage=None, **how):
+        """Batch `number`: 8 digits encoded as `how` says; `damage` maps the last image and its
+        labels to what the batch holds instead."""
+        cases = slice(number * IMAGES_PER_BATCH, (number + 1) * IMAGES_PER_BATCH)
+        jpegs = [encode(image.transpose(1, 2, 0), **how) for image in images[cases]]
+        batch_labels = [[int(label)] for label in labels[cases]]
+        if damage:
+            jpegs[-1], batch_labels[-1] = damage(jpegs[-1], batch_labels[-1])
+        write_batch(root, number, {"data": jpegs, "labels": batch_labels},
                     sub_batch_size=SUB_BATCH)
+        return root / f"data_batch_{number}"
 
-    def images_of(number, **how):
-        start = number * IMAGES_PER_BATCH
-        return [encode(p, **how) for p in pixels[start:start + IMAGES_PER_BATCH]]
-
-    write_meta(root, {"data_mean": images[:2 * IMAGES_PER_BATCH].reshape(
-        2 * IMAGES_PER_BATCH, -1).mean(axis=0).astype(np.float32).reshape(-1, 1),
-        "label_names": [str(d) for d in range(10)], "num_vis": 3 * IMAGE_SIZE ** 2,
-        "batch_size": IMAGES_PER_BATCH})
-    for number in (GOOD_TRAIN, GOOD_TEST):
-        batch(number, images_of(number))
-    batch(VALID["cmyk"], images_of(3, mode="CMYK"))
-    batch(VALID["grey"], images_of(4, mode="L"))
-    batch(VALID["progressive"], images_of(5, progressive=True))
-    good = images_of(6)
-    batch(BAD["png"], good[:7] + [encode(pixels[7], format="PNG")])
-    batch(BAD["truncated-jpeg"], good[:7] + [good[7][:len(good[7]) // 2]])
-    batch(BAD["truncated-pickle"], good)
-    sub_file = root / "data_batch_8" / "data_batch_8.1"
+    batch(GOOD_TRAIN)
+    batch(GOOD_TEST)
+    batch(VALID["cmyk"], mode="CMYK")
+    batch(VALID["grey"], mode="L")
+    batch(VALID["progressive"], progressive=True)
+    batch(BAD["png"], lambda jpeg, label: (
+        encode(np.asarray(Image.open(io.BytesIO(jpeg))), format="PNG"), label))
+    batch(BAD["truncated-jpeg"], lambda jpeg, label: (jpeg[:len(jpeg) // 2], label))
+    sub_file = batch(BAD["truncated-pickle"]) / f"data_batch_{BAD['truncated-pickle']}.1"
     sub_file.write_bytes(sub_file.read_bytes()[:100])
-    batch(BAD["label"], good, [[1]] * 7 + [[12]])
-    (root / "data_batch_10").mkdir()
+    batch(BAD["label"], lambda jpeg, label: (jpeg, [12]))
+    (root / f"data_batch_{BAD['empty-dir']}").mkdir()
     return root
 
 
@@ -170,8 +170,9 @@ def image_case(batch, fragments):
     def build(zoo):
         data = zoo.fixture("image_data")
         where = data / f"data_batch_{batch}"
+        sub_file = where / f"data_batch_{batch}.1"
         return Case(image_args(data, zoo.tmp_path / "save", batch),
-                    [f.format(batch=where, sub=where / f"data_batch_{batch}.1") for f in fragments])
+                    [f.format(batch=where, sub=sub_file) for f in fragments])
     return build
 
 
@@ -305,3 +306,6 @@ def test_skip_bad_images_trains_past_a_png_and_a_truncated_jpeg(image_data, tmp_
         image_data, tmp_path, f"{BAD['png']}-{BAD['truncated-jpeg']}", "--skip-bad-images", 1))
     assert status == 0, stderr
     assert batch_ids(stdout) == [f"1.{BAD['png']}", f"1.{BAD['truncated-jpeg']}"]
+    replaced = [line for line in stderr.splitlines() if "replaced by image" in line]
+    assert len(replaced) == 2 and all(line.startswith("warning: ") for line in replaced)
+    assert "not a JPEG" in replaced[0] and "truncated JPEG" in replaced[1]

@@ -25,8 +25,9 @@ process per GPU index):
     the ranks that hold the layer, one all-reduce per rank set over a flat buffer, then
     Ccn2SGD.step() applies each group when its updatePeriod_eff completes, scaling by
     1/(period · mini/numPasses).
-  * With compile_layers (--compile; auto: CUDA only), each layer runs through torch.compile on
-    its own: the cuts, transfers and pass walk stay in Python between compiled layers.
+  * With compile_layers (--compile; auto: CUDA only), each layer this rank holds runs through
+    torch.compile on its own (fusing e.g. a layer's bias, neuron and dropout); the cuts,
+    transfers and the pass walk stay in Python between compiled layers.
 
 Each process builds the whole net (the cfg's geometry needs every layer) and keeps one Ccn2SGD
 over all of it, so checkpoints and resumes see one complete optimizer; it trains only the layers
@@ -89,6 +90,8 @@ class PassSchedule:
         self.calls = {name: fastpath.forward_fn(layer, compile_layers)
                       for name, layer in model.layers.items()
                       if not layer.is_data and self.local[name]}
+        if compile_layers:
+            _make_room_for_compiled_layers(len(self.calls))
         self._rank_groups = {}
         self._cost_lengths = None
         self._layouts = {}        # {(layer, src, dst, autocast): layout} learnt from headers
@@ -527,6 +530,20 @@ def _flat_views(tensors):
         views.append(flat.as_strided(t.shape, strides, offset))
         offset += t.numel()
     return flat, views
+
+
+# Compiled entries one layer may need: one per input size it meets (the full microbatches, those
+# of a short last minibatch, and the 1- and 0-row ones that dynamo specialises).
+_ENTRIES_PER_LAYER = 4
+
+
+def _make_room_for_compiled_layers(count):
+    """Layers of one class share the compiled code of their forward, whose cache dynamo caps
+    at recompile_limit entries (8) over all of them, one per weight shape and input size;
+    beyond it a layer quietly runs uncompiled. Raise the cap to what `count` layers need."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), _ENTRIES_PER_LAYER * count))
 
 
 def _run_backward(roots):

@@ -114,6 +114,32 @@ def test_cmrnorm_is_torch_local_response_norm(make_layer):
     torch.testing.assert_close(layer(x), lrn)
 
 
+@pytest.mark.parametrize("size,layout", [(5, torch.contiguous_format), (4, torch.channels_last)])
+def test_cmrnorm_gradient_is_torch_local_response_norms(make_layer, size, layout):
+    """The hand-written backward against autograd through torch's LRN, on a bigger input than
+    gradcheck's and in both memory layouts."""
+    layer = make_layer(section("cmrnorm", size=size), [FakeInput(channels=16, size=6)], PARAMS)
+    x = (torch.randn(3, 16, 6, 6, dtype=torch.float64) * 2).contiguous(memory_format=layout)
+    upstream = torch.randn(3, 16, 6, 6, dtype=torch.float64)
+    ours = torch.autograd.grad(layer(x.requires_grad_()), x, upstream)[0]
+    lrn = torch.nn.functional.local_response_norm(x, size, alpha=SCALE, beta=POW, k=MIN_DIV)
+    torch.testing.assert_close(ours, torch.autograd.grad(lrn, x, upstream)[0])
+
+
+@pytest.mark.parametrize("kind", ["cmrnorm", "rnorm"])
+def test_response_norms_trace_into_one_graph(make_layer, kind):
+    """torch.compile (the GPU default) captures the hand-written forward and backward whole."""
+    layer = make_layer(section(kind, size=3), [FakeInput(channels=4, size=5)], PARAMS)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    eager_x, compiled_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    layer(eager_x).square().sum().backward()
+    out = compiled(compiled_x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, layer(x))
+    torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+
+
 def test_imagenet_rnorm1_init_line_and_shape(make_layer):
     text = section("cmrnorm", channels=64, size=5).replace("[p]", "[rnorm1]")
     layer = make_layer(text, [FakeInput(channels=64, size=55)], "[rnorm1]\nscale=0.0001\n"

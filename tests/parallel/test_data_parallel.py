@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from dp_helpers import (REPO, assert_same_history, assert_same_weights, child_pids,
                         newest_checkpoint, run_ok, script, single, skeleton, tiny_args,
                         torchrun, worker_env)
+from trainer_fixtures import run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -144,17 +146,20 @@ def worker_of_rank(job, rank):
     pytest.fail(f"no worker of rank {rank}")
 
 
-def test_a_torchrun_job_restarted_twice_resumes_the_newest_checkpoint_and_ends_bit_exact(
+def test_a_torchrun_job_restarted_twice_resumes_the_newest_checkpoint_and_ends_like_one_process(
         demo_data, tmp_path):
     """--max-restarts 2: rank 1 is killed in the batch after the first checkpoint, rank 0 in the
     batch after the restarted job's first one. Each restart starts both workers afresh, and
-    they resume the newest checkpoint: the job ends with the very weights of one never stopped."""
+    they resume the newest checkpoint: the job ends with the weights of one process never
+    stopped (up to float32 rounding: two ranks sum their gradients in another order)."""
     args = tiny_args(demo_data, tmp_path / "restarted", "--epochs", "3")   # saves 1.2, 2.2, 3.2
     job = subprocess.Popen(torchrun(args, 2, "--max-restarts", "2"), cwd=REPO, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            env=worker_env(DISTCONVNET_TIMEOUT="10"))
     victims = {1: 1, 2: 0}          # after the n-th "Saved checkpoint": the rank to kill
     lines, saves = [], 0
+    watchdog = threading.Timer(240, job.kill)      # a hung job fails the test, not hangs it
+    watchdog.start()
     try:
         for line in job.stdout:
             lines.append(line)
@@ -166,21 +171,23 @@ def test_a_torchrun_job_restarted_twice_resumes_the_newest_checkpoint_and_ends_b
         err = job.stderr.read()
         job.wait(timeout=60)
     finally:
+        watchdog.cancel()
         if job.poll() is None:
             job.kill()
     out = "".join(lines)
     assert job.returncode == 0, err[-3000:]
-    assert out.count("Training ConvNet") == 3                # the first start and two restarts
-    assert out.count("1.1 (0.00%)") == 1                    # no restart started over
-    assert re.findall(r"^(\d\.\d) \(", out, re.M) == ["1.1", "1.2", "2.1", "2.1", "2.2", "3.1",
-                                                        "3.1", "3.2"]
+    starts = out.split("Training ConvNet")[1:]               # the first start and two restarts
+    # each went on with the batch after the newest checkpoint: 1.2, then 2.2
+    assert [re.search(r"^(\d\.\d) \(", start, re.M).group(1) for start in starts] == \
+        ["1.1", "2.1", "3.1"]
     assert len(list((tmp_path / "restarted").glob("ConvNet__*"))) == 1
     final = newest_checkpoint(tmp_path / "restarted")
     assert len(final["train_outputs"]) == 6                  # no batch lost, none counted twice
-    run_ok(torchrun(tiny_args(demo_data, tmp_path / "unstopped", "--epochs", "3")))
-    unstopped = newest_checkpoint(tmp_path / "unstopped")
-    assert_same_weights(final, unstopped, tolerance=0)
-    assert_same_history(final, unstopped, tolerance=0)
+    status, _, stderr = run_in_process(tiny_args(demo_data, tmp_path / "one", "--epochs", "3"))
+    assert status == 0, stderr
+    one_process = newest_checkpoint(tmp_path / "one")
+    assert_same_weights(final, one_process)
+    assert_same_history(final, one_process)
 
 
 def test_ctrl_c_reaches_the_spawned_workers_once(demo_data, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from trainer_fixtures import (event_costs, run_convnet, run_dir_of, run_in_process,
                               tiny_args)
 
-from distconvnet import checkpoint
+from distconvnet import checkpoint, fastpath
 from distconvnet.layers import BuildContext
 from distconvnet.model import ConvNet
 from distconvnet.optim import Ccn2SGD
@@ -214,6 +214,38 @@ def test_costs_of_all_passes_add_up_to_every_case_once():
     sums = schedule.train_minibatch(mats, optimizer)
     assert sums["logprob"][1:].tolist() == plain[1:].tolist()     # errors: counts, exactly
     assert math.isclose(sums["logprob"][0], plain[0], rel_tol=1e-5)
+
+
+def test_compiled_layers_train_as_the_plain_ones(monkeypatch):
+    """--compile: every layer runs through torch.compile (its graphs run eagerly here; inductor
+    would take minutes on the CPU), none is left uncompiled by dynamo's recompile limit (here
+    1, so that layers of one class already overflow it unless the schedule makes room), and
+    the numbers do not change."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(fastpath, "forward_fn", lambda module, compile_model: torch.compile(
+        module, backend="eager", dynamic=False) if compile_model else module)
+    config = torch._dynamo.config
+    monkeypatch.setattr(config, "recompile_limit" if hasattr(config, "recompile_limit")
+                        else "cache_size_limit", 1)
+    net = "test-2gpu-hybrid"
+    torch._dynamo.reset()
+    counters.clear()
+    results = []
+    for compile_layers in (False, True):
+        model = build(net, params=no_dropout(cfg_text(net, "params")))
+        plan = Plan(nodes_of(model))
+        schedule = PassSchedule(model, plan, compile_layers=compile_layers)
+        optimizer = optimizer_for(model, plan.num_passes, plan.active_pass_period)
+        costs = [schedule.total_costs(schedule.train_minibatch(mats, optimizer))
+                 for mats in minibatches(1, 3)]
+        results.append((costs, weights(model)))
+    frames = dict(counters["frames"])
+    torch._dynamo.reset()
+    assert frames["total"] > 0 and frames["ok"] == frames["total"]
+    (plain, plain_weights), (compiled, compiled_weights) = results
+    for a, b in zip(plain, compiled):
+        assert torch.equal(a["logprob"], b["logprob"])
+    assert_same(plain_weights, compiled_weights)
 
 
 # -- SPMD: one process per GPU index, gloo on the CPU -----------------------------------------
