@@ -9,9 +9,9 @@ padding give exactly that.
 Speed: the response norms are the heaviest elementwise work of the ImageNet and CIFAR nets. Their
 window sums are `size` shifted slices of the zero-padded squares added up (one pass each, no
 pooling kernel), and their gradient is written out by hand (_ResponseNorm), which saves autograd
-the several full-size temporaries of differentiating the formula op by op: on a 2-core CPU the
-layer runs about 4x faster than through avg_pool or torch's local_response_norm, and on the GPU
-inductor fuses each direction into one kernel.
+the several full-size temporaries of differentiating the formula op by op. On the CPU the layer's
+forward and backward run 3-6x faster than through avg_pool or torch's local_response_norm; under
+torch.compile inductor fuses each direction into one kernel.
 """
 
 import torch
@@ -24,15 +24,15 @@ CROSS_MAP, BLOCKED, SPATIAL = "cross-map", "blocked", "spatial"
 
 
 def _shifted_sum(q, dim, size, before):
-    """Σ_{k<size} q[i − before + k] along `dim` at every i, with zeros outside q."""
-    if size == 1:
-        return q
+    """Σ_{k<size} q[i − before + k] along `dim` at every i, with zeros outside q: a copy of q
+    plus size − 1 shifted slices, each added in place over the part where it lies inside."""
+    total = q.clone()
     length = q.shape[dim]
-    pad = [0, 0] * (q.dim() - 1 - dim) + [before, size - 1 - before]
-    padded = F.pad(q, pad)
-    total = padded.narrow(dim, 0, length) + padded.narrow(dim, 1, length)
-    for shift in range(2, size):
-        total += padded.narrow(dim, shift, length)
+    for offset in range(-before, size - before):
+        if offset and abs(offset) < length:
+            start = max(-offset, 0)
+            span = length - abs(offset)
+            total.narrow(dim, start, span).add_(q.narrow(dim, start + offset, span))
     return total
 
 
@@ -72,12 +72,13 @@ class _ResponseNorm(torch.autograd.Function):
         x, denominator, factor = ctx.saved_tensors
         window, size, scale_per_term, power = ctx.geometry
         scaled = grad * factor
-        spread = _window_sum(scaled * x / denominator, window, size, True)
-        return scaled - (2 * scale_per_term * power) * x * spread, None, None, None, None, None
+        spread = _window_sum(torch.mul(scaled, x).div_(denominator), window, size, True)
+        grad_x = scaled.addcmul_(x, spread, value=-2 * scale_per_term * power)
+        return grad_x, None, None, None, None, None
 
 
 class NormLayer(Layer):
-    """Shared by the three: the window `size`, the params-file keys, and the formula."""
+    """Shared by the three: the window `size` and the params-file keys."""
 
     needs_params = True
     min_size = 1    # cmrnorm: 2
