@@ -29,7 +29,6 @@ On the CPU (gloo) the counts are processes, each with an equal share of the core
 
 import argparse
 import glob
-import json
 import os
 import platform
 import shutil
@@ -46,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DistconvnetError, OptionError
+from .metrics import read_log
 from .providers.batches import write_batch, write_meta
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,9 +160,7 @@ def images_per_second(save_path, settings):
     logs = glob.glob(os.path.join(save_path, "ConvNet__*", "metrics.jsonl"))
     if len(logs) != 1:
         raise RunFailed(f"expected one metrics log under {save_path}, found {len(logs)}")
-    with open(logs[0]) as log:
-        events = [json.loads(line) for line in log if line.strip()]
-    timed = [e for e in events if e["event"] == "train"][settings.warmup:]
+    timed = [e for e in read_log(logs[0]) if e["event"] == "train"][settings.warmup:]
     if len(timed) != settings.batches:
         raise RunFailed(f"{len(timed)} timed batches in {logs[0]}, expected {settings.batches}")
     wrong = [e["cases"] for e in timed if e["cases"] != settings.images]

@@ -178,27 +178,28 @@ def image_case(batch, fragments):
 
 # -- cfg files -------------------------------------------------------------------------------
 
-def missing_inputs(zoo):
-    layer_def = zoo.edited_def("[pool1]\ntype=pool\npool=max\ninputs=conv1\n",
-                               "[pool1]\ntype=pool\npool=max\n")
+def edited_def_case(zoo, old, new, at, *fragments):
+    """The tiny net's layer-def with `old` replaced by `new`; the error names the line of `at`."""
+    layer_def = zoo.edited_def(old, new)
     return Case(tiny_args(zoo.fixture("digit_cifar"), zoo.tmp_path / "save", layer_def=layer_def),
-                [f"{layer_def}:{line_of(layer_def, '[pool1]')}:", "layer 'pool1'",
-                 "missing required key 'inputs'"])
+                [f"{layer_def}:{line_of(layer_def, at)}:", *fragments])
+
+
+def missing_inputs(zoo):
+    return edited_def_case(zoo, "[pool1]\ntype=pool\npool=max\ninputs=conv1\n",
+                           "[pool1]\ntype=pool\npool=max\n", "[pool1]", "layer 'pool1'",
+                           "missing required key 'inputs'")
 
 
 def bad_number(zoo):
-    layer_def = zoo.edited_def("inputs=data\nchannels=3\nfilters=16\n",
-                               "inputs=data\nchannels=3\nfilters=1x6\n")
-    return Case(tiny_args(zoo.fixture("digit_cifar"), zoo.tmp_path / "save", layer_def=layer_def),
-                [f"{layer_def}:{line_of(layer_def, 'filters=1x6')}:", "layer 'conv1'",
-                 "filters='1x6': expected an integer"])
+    return edited_def_case(zoo, "inputs=data\nchannels=3\nfilters=16\n",
+                           "inputs=data\nchannels=3\nfilters=1x6\n", "filters=1x6",
+                           "layer 'conv1'", "filters='1x6': expected an integer")
 
 
 def undefined_input_layer(zoo):
-    layer_def = zoo.edited_def("[fc10]\ntype=fc\ninputs=local2", "[fc10]\ntype=fc\ninputs=local3")
-    return Case(tiny_args(zoo.fixture("digit_cifar"), zoo.tmp_path / "save", layer_def=layer_def),
-                [f"{layer_def}:{line_of(layer_def, 'inputs=local3')}:", "layer 'fc10'",
-                 "input layer 'local3' does not exist"])
+    return edited_def_case(zoo, "[fc10]\ntype=fc\ninputs=local2", "[fc10]\ntype=fc\ninputs=local3",
+                           "inputs=local3", "layer 'fc10'", "input layer 'local3' does not exist")
 
 
 def duplicate_section(zoo):
