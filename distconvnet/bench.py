@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fastpath
-from .layers import BuildContext
+from .layers import BuildContext, conv
 from .model import ConvNet
 from .optim import Ccn2SGD
 from .train import train_on_batch
@@ -110,8 +110,8 @@ def our_session(layer_def, layer_params, dims, classes, device, mini, precision,
         model=model, optimizer=Ccn2SGD(model.weight_layers(), mini),
         forward=fastpath.forward_fn(model, compile_model),
         autocast=fastpath.autocast(device, precision), pass_schedule=None,
-        minibatches=lambda mats: ([m[i:i + mini] for m in mats]
-                                  for i in range(0, mats[0].shape[0], mini)))
+        minibatches=lambda batch: ([m[i:i + mini] for m in batch.mats]
+                                   for i in range(0, batch.mats[0].shape[0], mini)))
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def _pil_script(jpegs, meta, args, device):
     return measure(run, len(loader) * 128, device, 1, args.repeats)
 
 
-def header(device):
+def header(device, precision):
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({os.cpu_count()} cores, {platform.machine()})"
     try:
@@ -289,8 +289,11 @@ def header(device):
         dali = nvidia.dali.__version__
     except ImportError:
         dali = "not installed"
+    # the rewrite only ever runs under autocast, so an fp32 run is always without it
+    space_to_depth = "on" if conv.SPACE_TO_DEPTH and precision != "fp32" else "off"
     return (f"distconvnet.bench {time.strftime('%Y-%m-%d')} | device: {card} | torch "
-            f"{torch.__version__} | DALI {dali}")
+            f"{torch.__version__} | DALI {dali} | ours: {precision}, conv space-to-depth "
+            f"{space_to_depth}")
 
 
 def main(argv=None):
@@ -311,7 +314,7 @@ def main(argv=None):
     args.batch = args.batch or (512 if device.type == "cuda" and not args.quick else 8)
     args.steps, args.warmup, args.repeats = (1, 1, 2) if args.quick else (10, 2, 5)
     parts = set(args.only.split(","))
-    print(header(device), flush=True)
+    print(header(device, args.precision), flush=True)
     fast_peer = ("peer bf16+channels_last+compile", "bf16", True)
     eager_peer = ("peer eager fp32", "fp32", False)
     if "a" in parts:

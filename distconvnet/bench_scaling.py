@@ -1,26 +1,43 @@
-"""`python -m distconvnet.bench_scaling`: the trainer's speed on 1, 2, 4, 8 GPUs, one line per net.
+"""`python -m distconvnet.bench_scaling`: the trainer's speed on 1, 2, 4, 8 GPUs, one line per net
+and way of scaling.
 
     python -m distconvnet.bench_scaling [--nets NAME,...] [--gpus 1,2[,4,8]]
-        [--launcher torchrun|mpirun] [--device cuda|cpu] [--quick]
+        [--scaling strong,weak] [--launcher torchrun|mpirun] [--device cuda|cpu] [--quick]
 
 For each net (a cfg pair in layers/) and each GPU count k, it runs convnet.py itself, the session
 and training loop users get, in k processes: torchrun or launch/mpirun.sh, with NVLink SHARP
 off; one plain process with --gpu 0 for k = 1, where all of the cfg's gpu indices share that
-GPU. Every count gets the same global --mini, so every count makes the same updates (the
-original's rule) and the speedup is strong scaling.
+GPU. --images and --mini are the data batch and the minibatch of the 1-GPU run; --scaling
+says how the others grow from it (default: both, one line each):
 
-Input is synthetic: one training batch of random pixels in the cifar provider's format, written
+  strong  every count gets the same data batch and the same global --mini, so every count makes
+          the same updates (the original's rule) and each GPU's share of a minibatch shrinks
+          as 1/k;
+  weak    k GPUs get k x --mini (each GPU's share is the 1-GPU minibatch) and data batches of
+          k x --images, so every count makes the same number of updates per data batch, each
+          over k times the cases: the usual way to quote data-parallel speed.
+
+The 1-GPU run is the same in both, and runs once.
+
+Input is synthetic: training batches of random pixels in the cifar provider's format, written
 once to a temporary directory and trained on every epoch (224x224 and 1000 classes for the
-ImageNet nets). The dummy providers cannot serve: their batches have 7 cases (spec §10.5).
+ImageNet nets): data_batch_1 of --images cases, and for weak scaling data_batch_k of k x
+--images (the first one repeated; each rank keeps only its share on its GPU, but reads the
+whole file: 1.2 GB per 8192 ImageNet images). The dummy providers cannot serve: their batches
+have 7 cases (spec §10.5).
 
 Time: the trainer's metrics log (metrics.jsonl, written by rank 0) times each data batch from
 the moment its data are ready until the batch's costs, summed over the ranks, have been copied
 to the host; that copy waits for every minibatch's forward, backward, gradient all-reduce and
 update queued before it. The first --warmup batches (torch.compile, cuDNN autotuning) are
-dropped; img/s = images per batch / median seconds of the others. Output:
+dropped; img/s = images per batch / median seconds of the others. Output, per net and scaling:
 
-    <net> (<launcher>): 1 GPU X img/s, 2 GPUs Y img/s (speedup S, efficiency E%), ...
+    <net> (<launcher>), <scaling> scaling: 1 GPU X img/s, 2 GPUs Y img/s (speedup S,
+        efficiency E%), ...
       peak GPU memory: 1 GPU A GiB, 2 GPUs B GiB, ...
+
+with speedup = Y / X and efficiency = Y / (k X) for k GPUs (against the smallest count when 1
+is not measured).
 
 The memory is the most nvidia-smi saw used on one GPU during the run (CUDA context, PyTorch's
 cached blocks and the resident data batch included); it is left out where nvidia-smi is not.
@@ -66,10 +83,16 @@ GEOMETRY = {"imagenet": (224, 1000), "cifar10": (24, 10), "tiny": (8, 10), "test
 MEMORY_POLL_S = 0.5
 
 
+SCALINGS = ("strong", "weak")
+SCALING_TEXT = {"strong": "strong scaling: the same at every count",
+                "weak": "weak scaling: both times the count"}
+TEST_BATCH = 999      # one minibatch of the 1-GPU run, tested once at the end
+
+
 @dataclass(frozen=True)
 class Settings:
-    images: int          # per data batch
-    minibatch: int       # --mini, global, the same at every count
+    images: int          # per data batch of the 1-GPU run
+    minibatch: int       # --mini of the 1-GPU run
     warmup: int          # batches dropped
     batches: int         # batches timed
 
@@ -78,22 +101,31 @@ FULL = Settings(images=8192, minibatch=512, warmup=3, batches=5)
 QUICK = Settings(images=256, minibatch=64, warmup=1, batches=2)
 
 
+def growth(scaling, count):
+    """By how much the data batch and the global --mini of a run on `count` GPUs exceed the
+    1-GPU run's: weak scaling keeps each GPU's minibatch, strong scaling the global one."""
+    return count if scaling == "weak" else 1
+
+
 class RunFailed(DistconvnetError):
     """One run of the trainer did not finish; the others still run."""
 
 
 # -- the synthetic data set ------------------------------------------------------------------
 
-def write_synthetic_data(directory, side, classes, settings, seed=0):
-    """data_batch_1 (training) and data_batch_2 (one minibatch, tested once at the end) of
-    uniform random pixels and labels, in the cifar provider's layout (column-major uint8,
-    batches.meta with a flat mean image)."""
+def write_synthetic_data(directory, side, classes, settings, growths, seed=0):
+    """For each growth g, training batch data_batch_<g> of g x --images cases (batch 1 repeated
+    g times), and TEST_BATCH of one minibatch, tested once at the end: uniform random pixels
+    and labels in the cifar provider's layout (column-major uint8, batches.meta with a flat
+    mean image)."""
     rng = np.random.default_rng(seed)
     num_vis = 3 * side * side
-    for number, cases in ((1, settings.images), (2, settings.minibatch)):
-        write_batch(directory, number, {
-            "data": rng.integers(0, 256, (num_vis, cases), dtype=np.uint8),
-            "labels": rng.integers(0, classes, cases).tolist()})
+    data = rng.integers(0, 256, (num_vis, settings.images), dtype=np.uint8)
+    labels = rng.integers(0, classes, settings.images).tolist()
+    for g in sorted(growths):
+        write_batch(directory, g, {"data": np.tile(data, (1, g)), "labels": labels * g})
+    write_batch(directory, TEST_BATCH, {"data": data[:, :settings.minibatch],
+                                        "labels": labels[:settings.minibatch]})
     write_meta(directory, {"data_mean": np.full((num_vis, 1), 127.5, dtype=np.float32),
                            "label_names": [f"class {c}" for c in range(classes)],
                            "img_size": side, "num_vis": num_vis,
@@ -102,13 +134,15 @@ def write_synthetic_data(directory, side, classes, settings, seed=0):
 
 # -- one run of the trainer ------------------------------------------------------------------
 
-def trainer_args(net, data_path, side, save_path, settings, device):
+def trainer_args(net, data_path, side, save_path, settings, grown, device):
+    """The trainer's command line for a run whose data batch and --mini are `grown` times the
+    1-GPU run's."""
     return ["--data-provider", "cifar", "--data-path", str(data_path), "--inner-size", str(side),
-            "--train-range", "1", "--test-range", "2",
+            "--train-range", str(grown), "--test-range", str(TEST_BATCH),
             "--epochs", str(settings.warmup + settings.batches), "--test-freq", "1000000",
             "--layer-def", str(LAYERS / f"layers-{net}.cfg"),
             "--layer-params", str(LAYERS / f"layer-params-{net}.cfg"),
-            "--mini", str(settings.minibatch), "--seed", "1", "--device", device,
+            "--mini", str(settings.minibatch * grown), "--seed", "1", "--device", device,
             "--save-path", str(save_path)]
 
 
@@ -155,7 +189,7 @@ def run_trainer(command, env, timeout):
     return out
 
 
-def images_per_second(save_path, settings):
+def images_per_second(save_path, settings, images):
     """From rank 0's metrics log: images per batch / median seconds after the warm-up."""
     logs = glob.glob(os.path.join(save_path, "ConvNet__*", "metrics.jsonl"))
     if len(logs) != 1:
@@ -163,10 +197,10 @@ def images_per_second(save_path, settings):
     timed = [e for e in read_log(logs[0]) if e["event"] == "train"][settings.warmup:]
     if len(timed) != settings.batches:
         raise RunFailed(f"{len(timed)} timed batches in {logs[0]}, expected {settings.batches}")
-    wrong = [e["cases"] for e in timed if e["cases"] != settings.images]
+    wrong = [e["cases"] for e in timed if e["cases"] != images]
     if wrong:
-        raise RunFailed(f"a batch trained {wrong[0]} images, expected {settings.images}")
-    return settings.images / statistics.median(e["seconds"] for e in timed)
+        raise RunFailed(f"a batch trained {wrong[0]} images, expected {images}")
+    return images / statistics.median(e["seconds"] for e in timed)
 
 
 class GpuMemoryWatch:
@@ -214,9 +248,9 @@ def count_text(count, device):
     return f"{count} {unit if count == 1 else plural}"
 
 
-def net_line(net, launcher, speeds, device):
-    """`<net> (<launcher>): 1 GPU X img/s, 2 GPUs Y img/s (speedup S, efficiency E%), ...`;
-    speedups are against the smallest count."""
+def net_line(net, launcher, scaling, speeds, device):
+    """`<net> (<launcher>), <scaling> scaling: 1 GPU X img/s, 2 GPUs Y img/s (speedup S,
+    efficiency E%), ...`; speedups are against the smallest count."""
     counts = sorted(speeds)
     base = counts[0]
     parts = []
@@ -226,7 +260,7 @@ def net_line(net, launcher, speeds, device):
             speedup = speeds[count] / speeds[base]
             text += f" (speedup {speedup:.2f}, efficiency {100 * speedup * base / count:.1f}%)"
         parts.append(text)
-    return f"{net} ({launcher}): " + ", ".join(parts)
+    return f"{net} ({launcher}), {scaling} scaling: " + ", ".join(parts)
 
 
 def memory_line(peaks, device):
@@ -234,7 +268,7 @@ def memory_line(peaks, device):
                                              for c, mib in sorted(peaks.items()))
 
 
-def header(device, counts, settings, geometries, launcher):
+def header(device, counts, settings, geometries, launcher, scalings):
     import torch
     if device == "cuda":
         names = sorted(set(torch.cuda.get_device_name(i)
@@ -247,8 +281,10 @@ def header(device, counts, settings, geometries, launcher):
             f"launcher {launcher}",
             f"input: synthetic, {settings.images} images per data batch ("
             f"{', '.join(f'3x{side}x{side}, {classes} classes' for side, classes in geometries)}"
-            f"), --mini {settings.minibatch} at every count; img/s = images / median seconds of "
-            f"{settings.batches} batches after {settings.warmup} warm-up batch(es)"]
+            f") and --mini {settings.minibatch} on {count_text(1, device)}; "
+            + "; ".join(SCALING_TEXT[s] for s in scalings)
+            + f"; img/s = images / median seconds of {settings.batches} batches after "
+            f"{settings.warmup} warm-up batch(es)"]
 
 
 # -- the command line --------------------------------------------------------------------------
@@ -264,13 +300,17 @@ def parse_args(argv):
     parser.add_argument("--gpus", default=None,
                         help="comma list of GPU (or CPU process) counts (default: 1 and the "
                              "powers of two up to the GPUs of this machine; 1,2 on the CPU)")
+    parser.add_argument("--scaling", default=",".join(SCALINGS),
+                        help="comma list: strong (the same data batch and global --mini at "
+                             "every count), weak (both times the count); default: both")
     parser.add_argument("--launcher", choices=["torchrun", "mpirun"], default="torchrun")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="default: cuda when there is a GPU")
     parser.add_argument("--quick", action="store_true",
                         help="tiny net and batches: a smoke test that runs in seconds")
-    parser.add_argument("--images", type=int, default=None, help="images per data batch")
-    parser.add_argument("--mini", type=int, default=None, help="the global --mini")
+    parser.add_argument("--images", type=int, default=None,
+                        help="images per data batch of the 1-GPU run")
+    parser.add_argument("--mini", type=int, default=None, help="--mini of the 1-GPU run")
     parser.add_argument("--warmup", type=int, default=None, help="batches not timed")
     parser.add_argument("--batches", type=int, default=None, help="batches timed")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
@@ -285,6 +325,15 @@ def settings_from(args):
     if min(settings.images, settings.minibatch, settings.batches) < 1 or settings.warmup < 0:
         raise OptionError("--images, --mini and --batches must be positive, --warmup >= 0")
     return settings
+
+
+def pick_scalings(args):
+    scalings = [s for s in args.scaling.split(",") if s]
+    unknown = [s for s in scalings if s not in SCALINGS]
+    if unknown or not scalings:
+        raise OptionError(f"--scaling {args.scaling}: expected a comma list of "
+                          f"{' and '.join(SCALINGS)}")
+    return [s for s in SCALINGS if s in scalings]
 
 
 def pick_device(args):
@@ -353,46 +402,62 @@ def main(argv=None):
 
 def run(args):
     settings = settings_from(args)
+    scalings = pick_scalings(args)
     device = pick_device(args)
     counts = pick_counts(args, device)
     nets = pick_nets(args, counts)
     threads = max(1, (os.cpu_count() or 1) // max(counts))
     check_launcher(args.launcher, counts, run_environment({}, device, threads))
     geometries = sorted({GEOMETRY[net.split("-")[0]] for net in nets})
-    for line in header(device, counts, settings, geometries, args.launcher):
+    for line in header(device, counts, settings, geometries, args.launcher, scalings):
         print(line, flush=True)
     failures = 0
     with tempfile.TemporaryDirectory(prefix="dcn-scaling-") as work:
         data_dirs = {}
+        growths = {growth(s, c) for s in scalings for c in counts}
         for side, classes in geometries:
             data_dirs[side, classes] = Path(work) / f"data-{side}-{classes}"
-            write_synthetic_data(data_dirs[side, classes], side, classes, settings)
+            write_synthetic_data(data_dirs[side, classes], side, classes, settings, growths)
         for net in nets:
             side, classes = GEOMETRY[net.split("-")[0]]
-            speeds, peaks, problems = {}, {}, []
-            for count in counts:
-                save_path = Path(work) / f"run-{net}-{count}"
-                argv = trainer_args(net, data_dirs[side, classes], side, save_path, settings,
-                                    device)
-                command, extra = launch_command(args.launcher, count, device, argv)
-                try:
-                    with GpuMemoryWatch(count) as watch:
-                        run_trainer(command, run_environment(extra, device, threads),
-                                    args.timeout)
-                    speeds[count] = images_per_second(save_path, settings)
-                    if device == "cuda" and watch.peak_mib is not None:
-                        peaks[count] = watch.peak_mib
-                except RunFailed as e:
-                    problems.append(f"{count_text(count, device)} failed: {e}")
-                shutil.rmtree(save_path, ignore_errors=True)    # checkpoints of ~0.7 GB
-            if speeds:
-                print(net_line(net, args.launcher, speeds, device), flush=True)
-            if peaks:
-                print(memory_line(peaks, device), flush=True)
-            for problem in problems:
-                print(f"{net} ({args.launcher}): {problem}", flush=True)
-            failures += len(problems)
+            runs = {}        # (count, growth) -> (img/s, peak MiB or None), or the failure
+            for scaling in scalings:
+                for count in counts:
+                    grown = growth(scaling, count)
+                    if (count, grown) not in runs:
+                        runs[count, grown] = measure(
+                            args, net, count, grown, settings, data_dirs[side, classes], side,
+                            device, threads, Path(work) / f"run-{net}-{count}-{grown}")
+                measured = {c: runs[c, growth(scaling, c)] for c in counts}
+                speeds = {c: m[0] for c, m in measured.items() if not isinstance(m, RunFailed)}
+                peaks = {c: m[1] for c, m in measured.items()
+                         if not isinstance(m, RunFailed) and m[1] is not None}
+                if speeds:
+                    print(net_line(net, args.launcher, scaling, speeds, device), flush=True)
+                if peaks:
+                    print(memory_line(peaks, device), flush=True)
+            for (count, grown), result in runs.items():
+                if isinstance(result, RunFailed):
+                    print(f"{net} ({args.launcher}): {count_text(count, device)} with --mini "
+                          f"{settings.minibatch * grown} failed: {result}", flush=True)
+                    failures += 1
     return 1 if failures else 0
+
+
+def measure(args, net, count, grown, settings, data_path, side, device, threads, save_path):
+    """(img/s, peak GPU memory in MiB or None) of one run of the trainer on `count` GPUs, with
+    data batches and --mini `grown` times the 1-GPU run's; or the RunFailed that stopped it."""
+    argv = trainer_args(net, data_path, side, save_path, settings, grown, device)
+    command, extra = launch_command(args.launcher, count, device, argv)
+    try:
+        with GpuMemoryWatch(count) as watch:
+            run_trainer(command, run_environment(extra, device, threads), args.timeout)
+        return (images_per_second(save_path, settings, settings.images * grown),
+                watch.peak_mib if device == "cuda" else None)
+    except RunFailed as e:
+        return e
+    finally:
+        shutil.rmtree(save_path, ignore_errors=True)    # checkpoints of ~0.7 GB
 
 
 if __name__ == "__main__":

@@ -277,18 +277,23 @@ class Session:
         done = n * (epoch - 1) + self.batch_index(batchnum) + 1
         return min(max((done - 1) / (self.opts.num_epochs * n), 0.0), 1.0)
 
-    def minibatches(self, mats):
-        """This rank's piece of each --mini slice of the batch (the whole slice for one rank)."""
+    def minibatches(self, batch):
+        """This rank's piece of each --mini slice of a training batch (the whole slice for one
+        rank)."""
         start = 0
-        for size in self.sync.shard_sizes(mats[0].shape[0], self.opts.minibatch_size):
-            yield [m[start:start + size] for m in mats]
+        for size in self.sync.shard_sizes(self._whole_cases(batch), self.opts.minibatch_size):
+            yield [m[start:start + size] for m in batch.mats]
             start += size
 
-    def minibatch_sizes(self, local_cases):
-        """The size of each whole --mini slice of the batch, over all ranks."""
-        total = sum(self.sync.all_gather(local_cases))
-        mini = self.opts.minibatch_size
+    def minibatch_sizes(self, batch):
+        """The size of each whole --mini slice of a training batch, over all ranks."""
+        total, mini = self._whole_cases(batch), self.opts.minibatch_size
         return [min(mini, total - start) for start in range(0, total, mini)]
+
+    def _whole_cases(self, batch):
+        """The cases of a training batch over all ranks: the provider that sharded it knows
+        them, so no rank needs to ask the others."""
+        return self.train_data.num_cases(batch.batchnum)
 
     def sum_over_ranks(self, sums, cases):
         """A batch's cost sums and cases over all ranks (unchanged for one process)."""
@@ -330,7 +335,15 @@ class Session:
 
     # -- history and numbers -----------------------------------------------------------------
     def raw_sums(self, sums):
-        return {name: [float(v) for v in values.cpu()] for name, values in sums.items()}
+        """{cost name: [float]} of device or host sums, in one copy to the host."""
+        if not sums:
+            return {}
+        flat = torch.cat([values.detach().double().flatten() for values in sums.values()])
+        numbers = flat.tolist()
+        raw, start = {}, 0
+        for name, values in sums.items():
+            raw[name], start = numbers[start:start + values.numel()], start + values.numel()
+        return raw
 
     def printed_costs(self, sums, cases):
         return self._filtered(self.raw_sums(sums), cases)
@@ -343,12 +356,14 @@ class Session:
 
     def record_train(self, epoch, batchnum, sums, cases):
         self.epoch, self.batchnum = epoch, batchnum
-        self.train_outputs.append((self.raw_sums(sums), cases))
-        return self.printed_costs(sums, cases)
+        raw = self.raw_sums(sums)
+        self.train_outputs.append((raw, cases))
+        return self._filtered(raw, cases)
 
     def record_test(self, sums, cases):
-        self.test_outputs.append((self.raw_sums(sums), cases))
-        return self.printed_costs(sums, cases)
+        raw = self.raw_sums(sums)
+        self.test_outputs.append((raw, cases))
+        return self._filtered(raw, cases)
 
     def test_averages(self):
         """The last len(test_range) test events, case-weighted (spec §7)."""

@@ -61,7 +61,7 @@ def train_on_batch(session, batch):
     if schedule is not None:
         return train_passes(session, batch, schedule)
     sums = {}
-    for mats in session.minibatches(batch.mats):
+    for mats in session.minibatches(batch):
         with session.autocast():
             out = session.forward(mats)
         out.objective.backward()
@@ -75,14 +75,12 @@ def train_on_batch(session, batch):
 def train_passes(session, batch, schedule):
     """The same for nets that run the pass schedule of spec §8 (hybrid or model parallel):
     each minibatch is several forward/backward passes, updates included."""
-    local_cases = batch.mats[0].shape[0]
     sums = {}
-    for mats, cases in zip(session.minibatches(batch.mats),
-                           session.minibatch_sizes(local_cases)):
+    for mats, cases in zip(session.minibatches(batch), session.minibatch_sizes(batch)):
         costs = schedule.train_minibatch(mats, session.optimizer, session.autocast, cases)
         for name, values in costs.items():
             sums[name] = values if name not in sums else sums[name] + values
-    return schedule.folded_costs(sums), local_cases
+    return schedule.folded_costs(sums), batch.mats[0].shape[0]
 
 
 def test_and_save(session):

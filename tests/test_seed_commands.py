@@ -1,13 +1,18 @@
 """The user's page (TrainingExample.md): its CIFAR-10 command runs verbatim, paths changed, on
-the CPU and learns; a saved model is evaluated with `--test-only 1`; and the model summary of
+the CPU and learns; a saved model is evaluated with `--test-only 1`; its ImageNet command runs
+verbatim, paths and ranges changed, on batches of real photographs; and the model summary of
 the ImageNet net has the geometry and parameter count of spec §14.1."""
 
 import contextlib
+import importlib.util
 import io
+import sys
+from pathlib import Path
 
 import pytest
 
 from distconvnet import cli
+from distconvnet.providers.batches import load_meta, write_meta
 from trainer_fixtures import (REPO, batch_ids, event_costs, run_dir_of, run_in_process,
                               write_digit_cifar)
 
@@ -40,6 +45,50 @@ def test_the_cifar_command_verbatim_learns_on_the_cpu(tmp_path, monkeypatch):
                                              "--test-only", "1"])
     assert status == 0, stderr
     assert event_costs(tested) == [events[-1]]
+
+
+def load_data_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module            # so make_batches' pool can pickle its worker by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.dali
+def test_the_imagenet_command_verbatim_on_photographs(tmp_path, monkeypatch, capsys):
+    """Crops of the photos bundled with scikit-learn and matplotlib, made into 256x256 JPEG
+    batches by data/make_batches.py: training batches 0 and 1 and validation batch 1000, of 16
+    images each. The AlexNet-sized net takes 224x224 crops with colour noise, on the CPU."""
+    photos, batches = tmp_path / "photos", tmp_path / "ilsvrc-2012-batches"
+    load_data_tool("make_sample_photos").main(["--tgt", str(photos), "--train", "32",
+                                              "--val", "16"])
+    assert load_data_tool("make_batches").main(["--src-dir", str(photos), "--tgt-dir",
+                                                str(batches), "--batch-size", "16",
+                                                "--jobs", "2"]) == 0
+    assert sorted(path.name for path in batches.iterdir()) == [
+        "batches.meta", "data_batch_0", "data_batch_1", "data_batch_1000"]
+    # The net's 1000-way softmax must match the data's classes: the photos' three classes are
+    # the first of ILSVRC's thousand (folders for all would make 1000 images).
+    meta = load_meta(batches)
+    meta["label_names"] += [f"unused{k}" for k in range(len(meta["label_names"]), 1000)]
+    write_meta(batches, meta)
+    capsys.readouterr()
+    monkeypatch.chdir(REPO)                 # the command's layers/... paths are relative
+    command = (f"--data-path {batches} --train-range 0-1 --test-range 1000 "
+               f"--save-path {tmp_path}/tmp  --epochs 1 "
+               f"--layer-def layers/layers-imagenet-1gpu.cfg "
+               f"--layer-params layers/layer-params-imagenet-1gpu.cfg --data-provider image "
+               f"--inner-size 224 --gpu 0 --mini 128 --test-freq 201 --color-noise 0.1")
+    status, stdout, stderr = run_in_process(command.split())
+    assert status == 0, stderr
+    lines = stdout.splitlines()
+    assert lines.count("No CUDA device is available: running on the CPU.") == 1
+    assert "Initialized data layer 'data', producing 150528 outputs" in lines
+    assert batch_ids(stdout) == ["1.0", "1.1"]
+    assert len(event_costs(stdout)) == 1
+    assert Path(run_dir_of(stdout)).is_dir()
 
 
 def imagenet_1gpu_parameters():

@@ -24,6 +24,42 @@ import torch.nn.functional as F
 from ..cfg import REQUIRED
 from .base import WeightLayer, register
 
+# Under reduced-precision autocast (the bf16 fast path) a conv for which space_to_depth_pays runs
+# as space_to_depth_conv; False keeps the plain conv everywhere, to time one against the other.
+SPACE_TO_DEPTH = True
+
+
+def _tensor_core_channels(channels):
+    """cuDNN's tensor-core kernels take channel counts in multiples of 8 and pad to get them."""
+    return -(-channels // 8) * 8
+
+
+def space_to_depth_conv(x, weight, bias, windows):
+    """The conv of `windows` at stride s as an exactly equal stride-1 conv over s×s pixel blocks.
+
+    Each block of the padded input becomes C·s² channels, numbered c·s² + dy·s + dx (c-major,
+    so a group's channels stay together), and the weight, zero-padded to k' = s·ceil(k/s) taps,
+    is folded the same way: every product of the plain conv occurs once, the added taps multiply
+    zeros. The right/bottom padding grows by k' − k, making the padded extent s·(M−1) + k', a
+    multiple of s that holds exactly M stride-1 windows of k'/s blocks: nothing to slice off.
+    The folded input is written channels_last, the layout cuDNN's NHWC kernels read, in the one
+    copy the fold needs (under torch.compile the padding fuses into it too).
+    """
+    s, k, p = windows.stride, windows.filter_size, windows.padding
+    grown = -k % s
+    r = windows.right_pad + grown
+    x = F.pad(x, (p, r, p, r))
+    n, c, size, _ = x.shape
+    blocks = size // s
+    x = (x.view(n, c, blocks, s, blocks, s).permute(0, 2, 4, 1, 3, 5)
+         .reshape(n, blocks, blocks, c * s * s).permute(0, 3, 1, 2))
+    filters, filter_channels = weight.shape[:2]
+    taps = (k + grown) // s
+    weight = (F.pad(weight, (0, grown, 0, grown))
+              .view(filters, filter_channels, taps, s, taps, s).permute(0, 1, 3, 5, 2, 4)
+              .reshape(filters, filter_channels * s * s, taps, taps))
+    return F.conv2d(x, weight, bias, 1, 0, 1, windows.groups)
+
 
 class InputWindows:
     """How one input is cut into windows: its per-input cfg keys and the padding they imply."""
@@ -51,6 +87,19 @@ class InputWindows:
     def right_pad(self):
         """Zero columns (and rows) the last window needs past the image's right/bottom edge."""
         return self.covered_extent(self.modules_x) - self.img_size
+
+    def space_to_depth_pays(self):
+        """Whether space_to_depth_conv does fewer tensor-core multiply-adds than the plain conv.
+
+        Per output value the plain conv does C·k² of them, but with C rounded up to a multiple
+        of 8; the rewrite does C·s²·(k'/s)². Few channels and a large stride win: imagenet
+        conv1 (C=3, k=11, s=4) does 48·3² = 432 instead of 8·11² = 968 and drops the copy that
+        pads 3 channels to 8; at 64 channels, k=3, s=2 the rewrite would do 1024 instead of 576.
+        """
+        s, k, c = self.stride, self.filter_size, self.filter_channels
+        taps = -(-k // s)
+        return s > 1 and (_tensor_core_channels(c * s * s) * taps * taps
+                          < _tensor_core_channels(c) * k * k)
 
     def padded(self, x):
         """x with `padding` zeros left/top and `right_pad` right/bottom (spec §6.2)."""
@@ -171,11 +220,18 @@ class ConvLayer(WindowedWeightLayer):
                                  w.filter_size) for w in self.windows], bias_shape)
 
     def forward(self, *xs):
+        # Autocast is what separates the fast path from the bit-for-bit fp32 reference path
+        # (fastpath.autocast), in training and evaluation alike, and torch.compile guards on it.
+        device = xs[0].device.type
+        fast = SPACE_TO_DEPTH and torch.is_autocast_enabled(device)
         out = None
         for i, (x, w, weight) in enumerate(zip(xs, self.windows, self.weights)):
             bias = self.biases if i == 0 and self.shared_biases else None
             x = w.image(x)
-            if w.right_pad == w.padding:     # symmetric: let the conv kernel pad, no copy
+            if fast and w.space_to_depth_pays():
+                # the conv would cast it anyway; casting first halves the bytes the fold moves
+                y = space_to_depth_conv(x.to(torch.get_autocast_dtype(device)), weight, bias, w)
+            elif w.right_pad == w.padding:     # symmetric: let the conv kernel pad, no copy
                 y = F.conv2d(x, weight, bias, w.stride, w.padding, 1, w.groups)
             else:
                 y = F.conv2d(w.padded(x), weight, bias, w.stride, 0, 1, w.groups)

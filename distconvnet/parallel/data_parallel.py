@@ -21,8 +21,12 @@ Engines:
 A rank whose shard of a minibatch is empty (a short last minibatch) still joins the all-reduce:
 it runs the net on one zero case and backpropagates zero times its objective.
 
-Costs are summed over ranks in float64 once per batch, so the printed numbers are the
-single-process ones up to float32 rounding of the per-rank sums.
+Per data batch the ranks talk only where they must: every rank knows the whole batch's case
+count (its provider sharded it), so the minibatch pieces are arithmetic, and the cost sums and
+cases of all ranks travel in one float64 all-reduce when the batch ends, so the printed numbers
+are the single-process ones up to float32 rounding of the per-rank sums. Which costs there are
+and how long each is, the layout of that all-reduce, is agreed once per run: a rank whose test
+shard is empty has no sums of its own and contributes zeros.
 """
 
 import math
@@ -47,6 +51,37 @@ def shard_sizes(num_cases, minibatch, rank, world_size):
         part = math.ceil(length / world_size)
         sizes.append(min((rank + 1) * part, length) - min(rank * part, length))
     return sizes
+
+
+def cost_layout(sums):
+    """[(cost name, number of values)] of a rank's cost sums."""
+    return [(name, values.numel()) for name, values in sums.items()]
+
+
+def merged_layouts(layouts):
+    """One layout from every rank's: each cost once, in the order the ranks first name it. Only
+    a rank with no cases (an empty test shard) has none, so all others agree."""
+    lengths = {}
+    for rank, layout in enumerate(layouts):
+        for name, length in layout:
+            if lengths.setdefault(name, length) != length:
+                raise DistributedError(f"rank {rank} has {length} values of cost '{name}', "
+                                       f"another rank {lengths[name]}")
+    return list(lengths.items())
+
+
+def pack_costs(sums, cases, layout, device, rank):
+    """This rank's sums in `layout` (zeros for costs it has none of) and its cases, as one
+    float64 vector on `device`; float64 holds a case count exactly."""
+    unknown = {name: values.numel() for name, values in sums.items()}.items() - set(layout)
+    if unknown:
+        name, length = sorted(unknown)[0]
+        raise DistributedError(f"rank {rank}'s cost '{name}' ({length} values) is not in the "
+                               f"run's cost layout {layout}")
+    parts = [sums[name].detach().to(device, torch.float64).flatten() if name in sums
+             else torch.zeros(length, dtype=torch.float64, device=device)
+             for name, length in layout]
+    return torch.cat(parts + [torch.tensor([cases], dtype=torch.float64, device=device)])
 
 
 def make_sync(info, backend, device):
@@ -80,8 +115,8 @@ class SingleProcess:
     def attach(self, optimizer):
         pass
 
-    def shard_sizes(self, local_cases, minibatch):
-        return shard_sizes(local_cases, minibatch, 0, 1)
+    def shard_sizes(self, num_cases, minibatch):
+        return shard_sizes(num_cases, minibatch, 0, 1)
 
     def sum_over_ranks(self, sums, cases):
         return sums, cases
@@ -100,11 +135,13 @@ class SingleProcess:
 
 
 class _Ranks:
-    """What every multi-rank sync shares; engines supply the object collectives and wrap()."""
+    """What every multi-rank sync shares; engines supply the collectives and wrap()."""
 
-    def __init__(self, info):
+    def __init__(self, info, device):
         self.rank, self.world_size = info.rank, info.world_size
         self.is_master = info.rank == 0
+        self.device = device
+        self.cost_layout = None         # [(cost name, number of values)], agreed on first use
 
     def forward_fn(self, forward):
         """The forward the trainer runs: objective × N for the averaging engines, and a stand-in
@@ -125,23 +162,20 @@ class _Ranks:
     def attach(self, optimizer):
         pass
 
-    def shard_sizes(self, local_cases, minibatch):
-        """This rank's piece of every minibatch of a batch; all ranks get as many pieces."""
-        return shard_sizes(sum(self.all_gather(local_cases)), minibatch, self.rank,
-                           self.world_size)
+    def shard_sizes(self, num_cases, minibatch):
+        """This rank's piece of every minibatch of a batch of `num_cases` cases (the whole
+        batch's, which every rank knows); all ranks get as many pieces."""
+        return shard_sizes(num_cases, minibatch, self.rank, self.world_size)
 
     def sum_over_ranks(self, sums, cases):
-        """({cost name: float64 sums over all ranks}, all ranks' cases)."""
-        local = {name: [float(v) for v in values.detach().double().cpu()]
-                 for name, values in sums.items()}
-        total, total_cases = {}, 0
-        for part, n in self.all_gather((local, int(cases))):
-            for name, values in part.items():
-                total[name] = [a + b for a, b in zip(total[name], values)] \
-                    if name in total else values
-            total_cases += n
-        return {name: torch.tensor(v, dtype=torch.float64) for name, v in total.items()}, \
-            total_cases
+        """({cost name: float64 sums over all ranks, on the host}, all ranks' cases), from one
+        all-reduce of this rank's sums and cases packed in the run's cost layout."""
+        if self.cost_layout is None:
+            self.cost_layout = merged_layouts(self.all_gather(cost_layout(sums)))
+        totals = self.sum_on_every_rank(pack_costs(sums, cases, self.cost_layout, self.device,
+                                                   self.rank))
+        values = totals[:-1].split([length for _, length in self.cost_layout])
+        return {name: v for (name, _), v in zip(self.cost_layout, values)}, int(totals[-1])
 
     def gather_rows(self, tensors, minibatch):
         """Rows of a sharded test batch (features, labels...), back in the batch's order on
@@ -165,8 +199,7 @@ class DdpSync(_Ranks):
     """torch DistributedDataParallel over gloo or NCCL; object collectives via torch too."""
 
     def __init__(self, info, backend, device):
-        super().__init__(info)
-        self.device = device
+        super().__init__(info, device)
         init_distributed(info, backend, device)
 
     def wrap(self, model):
@@ -174,11 +207,21 @@ class DdpSync(_Ranks):
         # The local layer's weight gradient comes out with another (equally valid) stride on
         # a size-1 dim than DDP's bucket view; DDP copies it, correctly, but would warn.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+        # Our buffers are constants every rank builds alike from the cfg (pooling window
+        # counts, blur taps): broadcasting them before every forward, DDP's default, would add
+        # a collective per minibatch. torch 2.13 renamed the switch (forward_sync_buffers) and
+        # warns on the old name, the only one older torch (2.11 on our GPUs) knows.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
         # Gradients as views of the buckets save a copy per step; DDP broadcasts rank 0's
         # weights here, so all ranks start equal.
         return DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            gradient_as_bucket_view=True)
+            gradient_as_bucket_view=True, broadcast_buffers=False)
+
+    def sum_on_every_rank(self, values):
+        import torch.distributed as dist
+        dist.all_reduce(values)
+        return values.cpu()
 
     def broadcast(self, value):
         import torch.distributed as dist
@@ -206,9 +249,9 @@ class MpiSync(_Ranks):
     """Gradients all-reduced by mpi4py in one flat float32 buffer before each update."""
 
     def __init__(self, info, device):
-        super().__init__(info)
+        super().__init__(info, device)
         from mpi4py import MPI
-        self.mpi, self.comm, self.device = MPI, MPI.COMM_WORLD, device
+        self.mpi, self.comm = MPI, MPI.COMM_WORLD
         if self.comm.Get_size() != info.world_size:
             raise DistributedError(f"MPI sees {self.comm.Get_size()} ranks, the launcher "
                                    f"{info.world_size}")
@@ -261,6 +304,12 @@ class MpiSync(_Ranks):
             call([self.flat, self.mpi.FLOAT])
         else:
             call([self.flat.numpy(), self.mpi.FLOAT])
+
+    def sum_on_every_rank(self, values):
+        """On the host: a few numbers, needed there anyway."""
+        host = values.cpu().numpy()
+        self.comm.Allreduce(self.mpi.IN_PLACE, [host, self.mpi.DOUBLE], op=self.mpi.SUM)
+        return torch.from_numpy(host)
 
     def broadcast(self, value):
         return self.comm.bcast(value, root=0)

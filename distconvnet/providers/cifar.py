@@ -1,10 +1,13 @@
 """CIFARDataProvider: cuda-convnet2's `cifar` provider (spec §10.4), as batched tensor ops.
 
-Each batch of the range is read once, on first use, and kept as a uint8 tensor (N, 3, S, S) on
-the provider's device (a 10000-image batch is 30 MB). The original read the whole range at
-construction, which made `shownet --show-preds` load all training data (spec §15 item 7); loading
-lazily gives the same steady state without that cost. Crops and flips are gathers with per-image
-offsets (as airbench's GPU-resident loader does), never a Python loop over images.
+Each batch of the range is read once, on first use, and this rank's cases of it (all of them for
+one process) are kept as a uint8 tensor (N, 3, S, S) on the provider's device (a 10000-image
+batch is 30 MB). The original read the whole range at construction, which made `shownet
+--show-preds` load all training data (spec §15 item 7); loading lazily gives the same steady
+state without that cost. Crops and flips are gathers with per-image offsets (as airbench's
+GPU-resident loader does), never a Python loop over images; the conversion to float and the
+mean subtraction are two passes over the batch, writing on CUDA the channels_last layout that
+fastpath.place gives the net, so that the first layer reads it as it is.
 """
 
 from pathlib import Path
@@ -47,7 +50,12 @@ class CIFARDataProvider:
         self.multiview = bool(options.multiview) and test
         self.num_views = NUM_VIEWS if self.multiview else 1
         self.mean_crop = self._centre_mean_crop()
+        # fastpath.place makes the net channels_last on CUDA: batches laid out so reach its
+        # first layer without a conversion.
+        self.memory_format = torch.channels_last if self.device.type == "cuda" else \
+            torch.contiguous_format
         self._loaded = {}
+        self._cases = {}      # batchnum -> (cases in the whole batch, this rank's rows or None)
 
     # -- the provider contract ----------------------------------------------------------------
 
@@ -58,12 +66,7 @@ class CIFARDataProvider:
     def get_next_batch(self):
         epoch, batchnum = self._cursor.advance()
         images, labels = self._load(batchnum)
-        num_cases = images.shape[0]
-        keep = None
-        if self.world_size > 1:
-            keep = torch.from_numpy(shard_indices(num_cases, self.options.minibatch, self.rank,
-                                                  self.world_size)).to(self.device)
-            images, labels = images[keep], labels[keep]
+        num_cases, rows = self._cases[batchnum]
         if self.multiview:
             crops = self._grid_views(images)
             labels = labels.repeat(NUM_VIEWS)
@@ -72,14 +75,19 @@ class CIFARDataProvider:
             crops = images[:, :, b:b + self.inner_size, b:b + self.inner_size]
         else:
             origins, flips = self._draw_augmentation(epoch, batchnum, num_cases)
-            if keep is not None:
-                origins, flips = origins[keep], flips[keep]
+            if rows is not None:
+                origins, flips = origins[rows], flips[rows]
             crops = crop_images(images, origins, flips, self.inner_size)
         # Spec §15 item 7, reproduced on purpose: ccn2 subtracts --scalar-mean even at its
         # default -1 (so the data are shifted by +1) and then also the mean image. Published
-        # cifar results and layer-params were tuned on data shifted that way.
-        data = crops.float() - float(self.options.scalar_mean) - self.mean_crop
-        return DataBatch(epoch, batchnum, [data.contiguous(), labels.clone()], self.num_views)
+        # cifar results and layer-params were tuned on data shifted that way. The uint8 crops
+        # become float in the first subtraction itself, which saves a pass over the batch and
+        # rounds the same: (float(x) - scalar) - mean.
+        data = torch.empty(crops.shape, dtype=torch.float32, device=self.device,
+                           memory_format=self.memory_format)
+        torch.sub(crops, float(self.options.scalar_mean), out=data)
+        data.sub_(self.mean_crop)
+        return DataBatch(epoch, batchnum, [data, labels.clone()], self.num_views)
 
     def get_data_dims(self, idx=0):
         dims = [self.inner_size ** 2 * NUM_COLORS, 1]
@@ -90,7 +98,8 @@ class CIFARDataProvider:
 
     def num_cases(self, batchnum):
         """Cases in the whole data batch (before sharding, one view)."""
-        return self._load(batchnum)[0].shape[0]
+        self._load(batchnum)
+        return self._cases[batchnum][0]
 
     def state_dict(self):
         """The cursor is all: crops and flips come from (seed, epoch, batchnum)."""
@@ -122,6 +131,7 @@ class CIFARDataProvider:
         return torch.from_numpy(np.ascontiguousarray(mean)).to(self.device)
 
     def _load(self, batchnum):
+        """(uint8 images, labels) of this rank's cases of batch `batchnum`, read on first use."""
         if batchnum not in self._loaded:
             batch = read_batch(self.data_path, batchnum)
             path = batch_path(self.data_path, batchnum)
@@ -131,7 +141,14 @@ class CIFARDataProvider:
             columns = torch.from_numpy(data).to(self.device)
             # Column-major on disk: one column per image (spec §10.4); transpose on the device.
             images = columns.t().contiguous().view(-1, NUM_COLORS, size, size)
-            self._loaded[batchnum] = images, torch.from_numpy(labels).to(self.device)
+            labels = torch.from_numpy(labels).to(self.device)
+            num_cases, rows = images.shape[0], None
+            if self.world_size > 1:
+                rows = torch.from_numpy(shard_indices(num_cases, self.options.minibatch,
+                                                      self.rank, self.world_size)).to(self.device)
+                images, labels = images[rows], labels[rows]
+            self._loaded[batchnum] = images, labels
+            self._cases[batchnum] = num_cases, rows
         return self._loaded[batchnum]
 
     def _check_data(self, path, data):

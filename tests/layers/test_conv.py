@@ -1,10 +1,13 @@
-"""conv and local: geometry, forward/backward against loop references, layouts, cfg errors."""
+"""conv and local: geometry, forward/backward against loop references, the fast path's
+space-to-depth rewrite, layouts, cfg errors."""
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distconvnet.errors import ConfigError
+from distconvnet.layers import conv
 from layer_helpers import FakeInput, gradcheck_layer
 
 
@@ -147,6 +150,83 @@ def test_gradcheck(make_layer, type_name):
     assert layer.windows[0].right_pad == 1
     randomise_biases(layer)
     gradcheck_layer(layer, [torch.randn(2, 2, 3, 3), torch.randn(2, 18)])
+
+
+# -- space-to-depth: the fast path's stride-1 form of strided convs over few channels -----------
+
+def strided_conv(x, weight, bias, k, pad, stride, groups=1):
+    """The definition (spec §6.2) in torch: window m starts at -pad + m*stride, pixels outside
+    the image read as zero, M = 1 + ceil((2*pad + S - k) / stride) windows a side."""
+    m_x = 1 + -(-(2 * pad + x.shape[-1] - k) // stride)
+    wide = F.pad(x, (pad, pad + stride, pad, pad + stride))      # zeros past any last window
+    return F.conv2d(wide, weight, bias, stride, groups=groups)[..., :m_x, :m_x]
+
+
+# (channels, size, filterSize, padding, stride, groups)
+SPACE_TO_DEPTH_CASES = [
+    (3, 224, 11, 0, 4, 1),      # imagenet conv1: k and S not multiples of s, overhang of 3
+    (3, 13, 5, 1, 2, 1),        # odd size, padding
+    (2, 10, 7, 2, 3, 1),        # stride 3, padding, k = 2s + 1
+    (4, 9, 3, 0, 2, 2),         # groups: each group's blocks stay together
+    (1, 11, 6, 3, 4, 1),        # padding wider than the overhang
+    (3, 8, 4, 0, 4, 1),         # k = s: one block per window
+]
+
+
+@pytest.mark.parametrize("case", SPACE_TO_DEPTH_CASES)
+def test_space_to_depth_conv_equals_the_strided_conv_in_float64(make_layer, case):
+    channels, size, k, pad, stride, groups = case
+    keys = dict(channels=channels, filters=3, filterSize=k, padding=pad, stride=stride,
+                groups=groups)
+    layer = make_layer(cfg("conv", **keys), [FakeInput(channels=channels, size=size)])
+    x = torch.randn(2, channels, size, size, dtype=torch.float64, requires_grad=True)
+    weight = layer.weights[0].detach().double().normal_().requires_grad_()
+    bias = torch.randn(3 * groups, dtype=torch.float64)
+    expected = strided_conv(x, weight, bias, k, pad, stride, groups)
+    upstream = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (x, weight), upstream)
+    out = conv.space_to_depth_conv(x, weight, bias, layer.windows[0])
+    assert out.shape == expected.shape == (2, 3 * groups, layer.img_size, layer.img_size)
+    torch.testing.assert_close(out, expected)
+    for grad, expected_grad in zip(torch.autograd.grad(out, (x, weight), upstream),
+                                   expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("channels,k,stride,pays", [
+    (3, 11, 4, True), (3, 7, 2, True), (3, 3, 2, True), (3, 5, 1, False),
+    (16, 3, 2, False), (64, 3, 2, False), (64, 2, 2, False)])
+def test_space_to_depth_is_for_strided_convs_over_few_channels(
+        make_layer, channels, k, stride, pays):
+    layer = make_layer(cfg("conv", channels=channels, filters=8, filterSize=k, stride=stride),
+                       [FakeInput(channels=channels, size=16)])
+    assert layer.windows[0].space_to_depth_pays() is pays
+
+
+def test_space_to_depth_runs_under_autocast_only(make_layer, monkeypatch):
+    layer = make_layer(cfg("conv", channels=3, filters=4, filterSize=11, stride=4),
+                       [FakeInput(channels=3, size=32)])
+    randomise_biases(layer)
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].dtype)
+        return space_to_depth_conv(*args)
+    space_to_depth_conv = conv.space_to_depth_conv
+    monkeypatch.setattr(conv, "space_to_depth_conv", spy)
+    x = torch.randn(2, 3, 32, 32)
+    weight, bias = layer.weights[0], layer.biases
+    # --precision fp32: no autocast, the plain conv bit for bit
+    assert torch.equal(layer(x), F.conv2d(layer.windows[0].padded(x), weight, bias, 4))
+    assert calls == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        assert calls == [torch.bfloat16]
+        monkeypatch.setattr(conv, "SPACE_TO_DEPTH", False)
+        layer(x)
+    assert len(calls) == 1
+    expected = strided_conv(x.double(), weight.double(), bias.double(), 11, 0, 4)
+    torch.testing.assert_close(out.double(), expected, rtol=0.02, atol=0.05)
 
 
 # -- the original's weight-matrix layouts (spec §4.5) -----------------------------------------

@@ -1,6 +1,6 @@
 """The pieces of data_parallel.py that need no second process: shard arithmetic, the forward
 each rank runs (scaling and the stand-in for an empty shard), cost sums and row gathering over
-ranks simulated in one process."""
+ranks simulated in one process, and which of them talk to the other ranks."""
 
 import numpy as np
 import pytest
@@ -9,8 +9,9 @@ import torch
 from distconvnet.errors import OptionError
 from distconvnet.model import NetOutput
 from distconvnet.parallel import data_parallel
-from distconvnet.parallel.data_parallel import SingleProcess, _Ranks, shard_sizes
-from distconvnet.parallel.launch import LaunchInfo
+from distconvnet.parallel.data_parallel import (SingleProcess, _Ranks, cost_layout, pack_costs,
+                                                shard_sizes)
+from distconvnet.parallel.launch import DistributedError, LaunchInfo
 from distconvnet.providers.batches import shard_indices
 
 
@@ -31,17 +32,33 @@ def test_one_process_takes_whole_minibatches():
 
 
 class SimulatedRanks(_Ranks):
-    """Rank `rank` of a world whose other ranks' contributions are given up front."""
+    """Rank `rank` of a world whose other ranks' contributions are given up front: `others`
+    for the object collectives, `costs` {rank: (cost sums, cases)} for the all-reduce of cost
+    sums. It counts the collectives it takes part in."""
 
-    def __init__(self, rank, world_size, others):
-        super().__init__(LaunchInfo(rank, rank, world_size, "torchrun"))
-        self.others = others
+    def __init__(self, rank, world_size, others, costs=None):
+        super().__init__(LaunchInfo(rank, rank, world_size, "torchrun"), torch.device("cpu"))
+        self.others, self.costs = others, costs or {}
+        self.collectives = 0
 
     def all_gather(self, value):
+        self.collectives += 1
         return [value if r == self.rank else self.others[r] for r in range(self.world_size)]
 
     def gather(self, value):
         return self.all_gather(value) if self.is_master else None
+
+    def sum_on_every_rank(self, values):
+        self.collectives += 1
+        for rank, (sums, cases) in self.costs.items():
+            values = values + pack_costs(sums, cases, self.cost_layout, values.device, rank)
+        return values
+
+
+def test_minibatch_pieces_come_from_the_whole_batch_count_without_asking_the_others():
+    ranks = SimulatedRanks(1, 2, {})
+    assert ranks.shard_sizes(27, 13) == [6, 6, 0]
+    assert ranks.collectives == 0
 
 
 def test_each_rank_backpropagates_world_size_times_its_objective():
@@ -68,11 +85,30 @@ def test_an_empty_shard_runs_a_zero_stand_in_that_contributes_nothing():
     assert out.costs["cost"].tolist() == [0.0, 0.0]
 
 
-def test_cost_sums_add_over_ranks_in_float64():
-    ranks = SimulatedRanks(0, 3, {1: ({"logprob": [1.5, 2.0]}, 7), 2: ({}, 0)})
-    sums, cases = ranks.sum_over_ranks({"logprob": torch.tensor([0.25, 1.0])}, 6)
+def test_cost_sums_add_over_ranks_in_float64_in_one_all_reduce_per_batch():
+    """Rank 2's test shard is empty: it has no sums, and the agreed layout gives it zeros."""
+    costs = {1: ({"logprob": torch.tensor([1.5, 2.0]), "sq": torch.tensor([4.0])}, 7),
+             2: ({}, 0)}
+    ranks = SimulatedRanks(0, 3, {r: cost_layout(sums) for r, (sums, _) in costs.items()},
+                           costs)
+    mine = {"logprob": torch.tensor([0.25, 1.0]), "sq": torch.tensor([0.5])}
+    sums, cases = ranks.sum_over_ranks(mine, 6)
     assert cases == 13
     assert sums["logprob"].dtype == torch.float64 and sums["logprob"].tolist() == [1.75, 3.0]
+    assert sums["sq"].tolist() == [4.5]
+    assert ranks.collectives == 2                   # the layout, once per run, and the sums
+    ranks.sum_over_ranks(mine, 6)
+    assert ranks.collectives == 3
+
+
+def test_costs_that_do_not_fit_the_runs_layout_are_refused():
+    ranks = SimulatedRanks(0, 2, {1: [("logprob", 3)]}, {1: ({}, 0)})
+    with pytest.raises(DistributedError, match="rank 1 has 3 values of cost 'logprob'"):
+        ranks.sum_over_ranks({"logprob": torch.tensor([0.25, 1.0])}, 6)
+    ranks = SimulatedRanks(0, 2, {1: [("logprob", 2)]}, {1: ({}, 0)})
+    ranks.sum_over_ranks({"logprob": torch.tensor([0.25, 1.0])}, 6)
+    with pytest.raises(DistributedError, match="rank 0's cost 'other'"):
+        ranks.sum_over_ranks({"other": torch.tensor([1.0])}, 6)
 
 
 def test_rows_come_back_in_the_batchs_order():
