@@ -128,7 +128,8 @@ def test_cmrnorm_gradient_is_torch_local_response_norms(make_layer, size, layout
 
 @pytest.mark.parametrize("kind", ["cmrnorm", "rnorm"])
 def test_response_norms_trace_into_one_graph(make_layer, kind):
-    """torch.compile (the GPU default) captures the hand-written forward and backward whole."""
+    """torch.compile (the GPU default) captures the layer whole, and its path (the formula
+    over average pools) has the eager path's (the hand-written backward's) values and gradient."""
     layer = make_layer(section(kind, size=3), [FakeInput(channels=4, size=5)], PARAMS)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
@@ -138,6 +139,25 @@ def test_response_norms_trace_into_one_graph(make_layer, kind):
     out.square().sum().backward()
     torch.testing.assert_close(out, layer(x))
     torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+
+
+@pytest.mark.parametrize("kind,channels,size,blocked", [
+    ("cmrnorm", 8, 5, 0), ("cmrnorm", 7, 4, 0), ("cmrnorm", 7, 3, 1), ("rnorm", 4, 3, 0),
+    ("rnorm", 4, 4, 0)])
+def test_compiled_formula_matches_reference_and_gradcheck(make_layer, kind, channels, size,
+                                                          blocked):
+    """Under torch.compile the response norms take the formula path: the same float64
+    references, in both memory layouts, and gradcheck."""
+    keys = {"blocked": blocked} if kind == "cmrnorm" else {}
+    layer = make_layer(section(kind, size=size, **keys), [FakeInput(channels=channels, size=5)],
+                       PARAMS)
+    x = torch.randn(2, channels, 5, 5, dtype=torch.float64) * 2
+    expected = reference_cmrnorm(x.numpy(), size, bool(blocked)) if kind == "cmrnorm" \
+        else spatial_reference(kind, x.numpy(), size)
+    torch._dynamo.reset()
+    check(torch.compile(layer, backend="eager", fullgraph=True), x, expected)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    assert torch.autograd.gradcheck(compiled, (x[:1].requires_grad_(),))
 
 
 def test_imagenet_rnorm1_init_line_and_shape(make_layer):
