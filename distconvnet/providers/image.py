@@ -6,26 +6,19 @@ each view with crop_mirror_normalize. The outputs reach torch through DLPack on 
 device, where the centre crop of the mean image is subtracted: no image makes a host round trip.
 While the trainer works on batch k, a decoder thread runs DALI on batch k + 1 in runs of
 `dali_batch` images, `runs_ahead` of them in flight so that DALI's host stage (parsing, Huffman
-decoding), the hardware decoder and its GPU kernels overlap; a reader thread read and planned
-batch k + 1 while batch k was being decoded.
+decoding), the hardware decoder and its GPU kernels overlap; meanwhile a reader thread unpickles
+and plans batch k + 2. (Reading in a child process instead, with the JPEGs handed over in shared
+memory to keep that Python off this process's GIL, was measured slower on an H100: 19.5k vs
+22.0k images/s, BENCHMARKS.md.)
 What each case shows (crops, flips, noise, labels, bad-image replacement) is decided on the host
 from (seed, epoch, batchnum) by image_plan.py, where the draws are documented.
-
-On CUDA the reading and planning run in a child process (image_reader.py), and the reader thread
-only waits for its reply. They cost some 25 µs of Python per image, and at the 30k images/s a
-GPU decodes, that much bytecode in this process held the GIL away from the decoder thread (which
-feeds DALI and copies its outputs out) and from the trainer: on an H200 the provider gave 29k
-images/s against bare DALI's 33k, and 32k with the batches read beforehand. The child hands the
-JPEGs over in shared memory, so the parent copies nothing. On the CPU, where the first child's
-start (seconds: it imports torch) would cost a short run more than it saves, the reader thread
-reads and plans itself (`read_in_child` chooses).
 """
 
 import contextlib
+import copy
 import math
 import os
 import sys
-import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 from io import BytesIO
 
@@ -36,7 +29,6 @@ from ..errors import DataError, OptionError
 from .batches import (META_NAME, BatchCursor, DataBatch, ProviderOptions, list_batches,
                       load_meta, read_batch, require_batches)
 from .image_plan import NUM_COLORS, NUM_VIEWS, CasePlanner, jpeg_size, locate
-from .image_reader import ReadBatch, ReaderProcess
 
 __all__ = ["ImageDataProvider", "image_graph", "jpeg_size"]
 HW_DECODER_LOAD = 0.65    # share of JPEGs for the hardware decoder; nvJPEG's CUDA path: the rest
@@ -56,8 +48,7 @@ def image_graph(num_views, inner, scale, decoder_device):
     normalised origin (crop_x<v>, crop_y<v>), mirrored where mirror<v>, as float CHW
     scale * (pixel - channel_offset). The provider feeds every input per sample."""
     fn, _, types = _dali()
-    # Copied when fed: the provider frees the (shared) memory of a batch's JPEGs once decoded.
-    jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, no_copy=False)
+    jpegs = fn.external_source(name="jpegs", dtype=types.UINT8)
     channel_offset = fn.external_source(name="channel_offset", dtype=types.FLOAT)
     extra = {"hw_decoder_load": HW_DECODER_LOAD} if decoder_device == "mixed" else {}
     # No EXIF rotation: ccn2's libjpeg decode ignored it, and the header's W x H must hold.
@@ -81,7 +72,6 @@ class ImageDataProvider:
     dali_batch = 256      # images per DALI run; a data batch takes several runs
     runs_ahead = 3        # DALI runs in flight while the decoder thread copies one out
     dali_threads = 8
-    read_in_child = None      # read and plan in a child process; None: where DALI uses CUDA
 
     def __init__(self, data_path, batch_range=None, *, init_epoch=1, init_batchnum=None,
                  test=False, options=ProviderOptions(), rank=0, world_size=1):
@@ -104,9 +94,8 @@ class ImageDataProvider:
         self.skipped_images = 0          # bad images replaced so far (skip_bad_images)
         self._warnings, self._num_cases = [], {}
         self._pipe, self._depth = None, 0    # used by the decoder thread only
-        self._ahead = None               # (key, future of _read, future of _decode)
-        self._reader_process = None      # started by the reader thread when first needed
-        self._stop_reader_process = None
+        self._ahead = None               # (key, future of _decode) of the next batch
+        self._reads = {}                 # {key: future of _read} of the batch after that one
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-reader")
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-decoder")
         self._copy_stream = None
@@ -126,12 +115,17 @@ class ImageDataProvider:
     def get_next_batch(self):
         key = self._cursor.position
         if self._ahead is None or self._ahead[0] != key:
-            self._discard_prefetch()
-            self._ahead = key, *self._submit(key)
-        decoding = self._ahead[2]
+            self._ahead = key, self._submit(key)
+        decoding = self._ahead[1]
         self._cursor.advance()
         upcoming = self._cursor.position
-        self._ahead = upcoming, *self._submit(upcoming)    # queued behind batch `key`
+        self._ahead = upcoming, self._submit(upcoming)    # queued behind batch `key`
+        # The read of the batch after runs while `upcoming` decodes: a consumer faster than the
+        # reader would otherwise wait for each read and then each decode, one after the other.
+        following = copy.copy(self._cursor)
+        following.advance()
+        if following.position not in self._reads:
+            self._reads[following.position] = self._reader.submit(self._read, following.position)
         return DataBatch(key[0], key[1], self._to_mats(*decoding.result()), self.num_views)
 
     def get_data_dims(self, idx=0):
@@ -160,28 +154,20 @@ class ImageDataProvider:
         return lines
 
     def close(self):
-        """Stop the threads and the reader process, and free DALI's buffers (a prefetched batch
-        holds device memory)."""
+        """Stop the threads and free DALI's buffers (a prefetched batch holds device memory)."""
         self._discard_prefetch()
         self._reader.shutdown(wait=True, cancel_futures=True)
         self._decoder.shutdown(wait=True, cancel_futures=True)
         self._pipe = None
-        if self._stop_reader_process is not None:
-            self._stop_reader_process()
 
     def _discard_prefetch(self):
-        if self._ahead is None:
-            return
-        _, reading, decoding = self._ahead
-        self._ahead = None
-        if decoding.cancel():
-            # Never decoded, so its JPEGs are still to be freed once the read is over.
+        for reading in self._reads.values():
             reading.cancel()
-            wait([reading])
-            if not reading.cancelled() and reading.exception() is None:
-                self._release(reading.result())
-        else:
-            wait([decoding])            # the decoder thread must be done with the pipeline
+        self._reads = {}
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+            wait([self._ahead[1]])      # the decoder thread must be done with the pipeline
+            self._ahead = None
 
     # -- metadata -----------------------------------------------------------------------------
 
@@ -233,52 +219,27 @@ class ImageDataProvider:
     # -- reading, planning, decoding ----------------------------------------------------------
 
     def _submit(self, key):
-        reading = self._reader.submit(self._read, key)
-        return reading, self._decoder.submit(self._decode, reading)
+        reading = self._reads.pop(key, None) or self._reader.submit(self._read, key)
+        return self._decoder.submit(self._decode, reading)
 
     def _read(self, key):
-        """ReadBatch of batch `key`, read and planned here or by the reader process (reader
-        thread). A data error is raised when the trainer asks for that batch."""
-        in_child = self.device.type == "cuda" if self.read_in_child is None else self.read_in_child
-        if in_child:
-            if self._reader_process is None:
-                self._reader_process = ReaderProcess(self.planner, self.data_path)
-                # Also at exit, for a provider never closed: its blocks are freed, not leaked.
-                self._stop_reader_process = weakref.finalize(self, self._reader_process.close)
-            batch = self._reader_process.read(key)
-        else:
-            host = self.planner.read(self.data_path, *key)
-            batch = ReadBatch(key, host.path, len(host.jpegs), self.planner.plan(host),
-                              host=host)
-        self._num_cases[key[1]] = batch.num_images
-        return batch
+        """Unpickle and plan batch `key` (reader thread). A data error is raised when the
+        trainer asks for that batch."""
+        host = self.planner.read(self.data_path, *key)
+        self._num_cases[key[1]] = len(host.jpegs)
+        return host, self.planner.plan(host)
 
     def _decode(self, reading):
-        """(path, plan, images (views x cases, 3, inner, inner) on the provider's device) of a
-        batch read (decoder thread). When DALI fails on a batch, the images PIL cannot decode
-        either are marked bad and the batch is planned and decoded again (or a DataError says
-        which image it was): rare enough that a batch from the reader process is read again here
-        for its images."""
-        batch = reading.result()
-        try:
-            batch.view_jpegs()
-            while True:
-                try:
-                    return batch.path, batch.plan, self._run_dali(batch.plan)
-                except RuntimeError as e:
-                    failure = str(e)
-                # Past the handler, whose error's traceback may hold views of the batch's block.
-                if batch.host is None:
-                    self._release(batch)
-                    batch.host = self.planner.read(self.data_path, *batch.key)
-                self._mark_undecodable(batch.host, batch.plan, failure)
-                batch.plan = self.planner.plan(batch.host)
-        finally:
-            self._release(batch)
-
-    def _release(self, batch):
-        if batch.block is not None:
-            self._reader_process.release(batch)
+        """Batch images (views x cases, 3, inner, inner) on the provider's device (decoder
+        thread). When DALI fails on a batch, the images PIL cannot decode either are marked bad
+        and the batch is planned and decoded again (or a DataError says which image it was)."""
+        host, plan = reading.result()
+        while True:
+            try:
+                return host, plan, self._run_dali(plan)
+            except RuntimeError as e:
+                self._mark_undecodable(host, plan, e)
+                plan = self.planner.plan(host)
 
     def _run_dali(self, plan):
         count, inner = len(plan.sources), self.inner_size
@@ -348,7 +309,7 @@ class ImageDataProvider:
         self._depth = depth
         return pipe
 
-    def _mark_undecodable(self, host, plan, failure):
+    def _mark_undecodable(self, host, plan, error):
         """After DALI failed on a batch, mark the images PIL cannot decode either as bad; if
         there are none, the failure is DALI's own and is reported as such."""
         from PIL import Image
@@ -362,18 +323,18 @@ class ImageDataProvider:
                 found = True
         if not found:
             raise DataError(f"{host.path}: DALI could not decode the batch "
-                            f"({' '.join(failure.split())[:300]})")
+                            f"({' '.join(str(error).split())[:300]})")
 
-    def _to_mats(self, path, plan, images):
+    def _to_mats(self, host, plan, images):
         """The batch's matrices on the trainer's stream, with the replaced images reported."""
         device = self.device
         if self._copy_stream is not None:
             # Made on the copy stream (complete: the decoder thread synchronised it); the
             # allocator must not hand its memory out again before the trainer's kernels ran.
             images.record_stream(torch.cuda.current_stream(device))
-        for case, index, reason in plan.replaced:
+        for case, index in plan.replaced:
             self.skipped_images += 1
-            self._warnings.append(f"{locate(path, case)}: {reason}; "
+            self._warnings.append(f"{locate(host.path, case)}: {host.sizes[case]}; "
                                   f"replaced by image {index} of the batch")
         count = len(plan.sources)
         labels = torch.from_numpy(plan.labels).to(device)

@@ -1,7 +1,6 @@
 """What each case of an image data batch shows (spec §10.3), decided on the host before DALI
 decodes anything: JPEG header checks, the per-batch draws, bad-image replacement, the crop
 origins and mirror flags of every view, colour-noise offsets and labels. numpy only: no DALI.
-On CUDA it runs in the provider's reader process (image_reader.py).
 
 Every random choice is a function of (seed, epoch, batchnum), so a resumed run sees exactly the
 crops, flips, noise and label picks of an uninterrupted one. For the N cases of a batch, before
@@ -75,7 +74,7 @@ class Plan:
     feeds: dict             # external_source name -> per-sample data (see image.image_graph)
     labels: np.ndarray      # (n,) float32; -1 for an image without labels
     hot: tuple              # (rows, cols) of the ones of the one-/multi-hot matrix
-    replaced: list          # (case, image shown instead, why) for each bad image
+    replaced: list          # (case, image shown instead) for each bad image
 
 
 @dataclass
@@ -152,7 +151,7 @@ class CasePlanner:
                           if options else -1.0)
             rows += [row] * len(options)
             cols += options
-        replaced = [(c, i, host.sizes[c]) for c, i in zip(cases, sources) if c != i]
+        replaced = [(c, i) for c, i in zip(cases, sources) if c != i]
         return Plan(sources, feeds, np.array(labels, np.float32), (rows, cols), replaced)
 
     def _source(self, host, case):

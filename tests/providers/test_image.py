@@ -4,15 +4,11 @@ The data set is made by data/make_batches.py from generated images; the referenc
 every draw from the derivation documented in distconvnet/providers/image_plan.py.
 """
 
-import gc
 import importlib.util
 import io
 import math
-import multiprocessing
-import os
 import struct
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +18,6 @@ from PIL import Image
 
 from distconvnet.errors import DataError, OptionError
 from distconvnet.providers import ProviderOptions, make_provider
-from distconvnet.providers.image import ImageDataProvider
 from distconvnet.providers.batches import (batch_generator, load_meta, read_batch,
                                            shard_indices, write_batch, write_meta)
 
@@ -298,81 +293,6 @@ def test_shards_are_the_rows_of_the_whole_batch(data):
         rows = torch.from_numpy(shard_indices(4, 3, rank, 2))
         for got, want in zip(part, whole):
             assert torch.equal(got, want[rows])
-
-
-# -- the reader process (on CUDA by default; forced here) -----------------------------------
-
-def reader_processes():
-    return [child for child in multiprocessing.active_children() if child.name == "image-reader"]
-
-
-def shared_blocks():
-    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
-
-
-@pytest.fixture
-def in_child(monkeypatch):
-    """Providers made in the test read in a child process; none of it may outlive close()."""
-    before = shared_blocks()
-    monkeypatch.setattr(ImageDataProvider, "read_in_child", True)
-    yield
-    assert reader_processes() == [] and shared_blocks() == before
-
-
-def test_a_reader_process_gives_the_same_batches(data, bad_batches, in_child):
-    """Train with colour noise, test, multiview, several DALI runs (the last one short), a shard,
-    bad images replaced (found by the header check in the child, and by DALI in the parent)."""
-    settings = [dict(color_noise=0.1, seed=5),
-                dict(batch_range=(1000, 5), test=True, multiview=True),
-                dict(test=True, dali_batch=3),
-                dict(seed=4, minibatch=3, rank=1, world_size=2),
-                dict(batch_range=(7, 8), path=bad_batches[0], test=True, skip_bad_images=True)]
-    for kw in settings:
-        path, dali_batch = kw.pop("path", data), kw.pop("dali_batch", None)
-        kw.setdefault("batch_range", (0, 1))
-        ours, child = (provider(path, inner_size=INNER, **kw) for _ in range(2))
-        ours.read_in_child = False
-        for p in (ours, child):
-            p.dali_batch = dali_batch or p.dali_batch
-        for _ in range(3):
-            for got, want in zip(child.get_next_batch().mats, ours.get_next_batch().mats):
-                assert torch.equal(got, want), kw
-        assert child.take_warnings() == ours.take_warnings()
-        assert child.skipped_images == ours.skipped_images
-        for p in (ours, child):
-            p.load_state_dict({"epoch": 5, "batchnum": kw["batch_range"][1]})
-        for got, want in zip(child.get_next_batch().mats, ours.get_next_batch().mats):
-            assert torch.equal(got, want), kw
-        assert len(reader_processes()) == 1
-        child.close()
-        ours.close()
-
-
-@pytest.mark.parametrize("batchnum", [7, 8])
-def test_a_data_error_from_the_reader_process_is_the_same_line(bad_batches, in_child, capfd,
-                                                               batchnum):
-    """Batch 7's bad image is found in the child, batch 8's when DALI fails in the parent."""
-    lines = []
-    for read_in_child in (False, True):
-        p = provider(bad_batches[0], [batchnum], test=True, inner_size=INNER)
-        p.read_in_child = read_in_child
-        with pytest.raises(DataError) as error:
-            p.get_next_batch()
-        lines.append(str(error.value))
-        p.close()
-    assert lines[0] == lines[1] and f"data_batch_{batchnum}" in lines[0]
-    assert "Traceback" not in capfd.readouterr().err     # (DALI's decoder names the bad table)
-
-
-def test_a_provider_never_closed_leaves_no_reader_process(data, in_child):
-    p = provider(data, inner_size=INNER)
-    p.get_next_batch()                  # and the next batch is read ahead: one block in use
-    assert len(reader_processes()) == 1
-    del p
-    deadline = time.monotonic() + 30    # the threads let go of it once the read-ahead is done
-    while reader_processes() and time.monotonic() < deadline:
-        gc.collect()
-        time.sleep(0.01)
 
 
 def test_contract_dims_and_counts(data):
