@@ -13,21 +13,31 @@ process per GPU index):
     accumulates over the passes; the layer runs backward once, on the last pass of its period,
     with that accumulated gradient — the original's "wide layers accumulate the gradient from
     the passes above, then run backward once".
-  * Backward, per pass, visits layers in reverse file order: cost objectives and cut layers are
-    the roots. Every process walks the same order, so each point-to-point transfer (a replica's
-    rows forward, their gradient back) happens at the same step on both ends.
-  * Transfers: all of one step go out in one batch_isend_irecv (one NCCL group), and the
-    receiver waits with work.wait(), which on NCCL only makes the current stream wait. Nothing
-    is read back to the host: the receiver sizes each buffer from what both ends can work out,
-    the rows from the plan's microbatch arithmetic and the per-row shape, dtype and memory
-    format from a header sent once per layer, pair of ranks and autocast setting.
+  * What each rank does on each pass is arithmetic on the plan, worked out once (RankProgram
+    in plan.py), and what depends on the minibatch's case count (rows, slices, buffer sizes)
+    once per count (`_Program`); a minibatch then only walks the result. Every rank walks the
+    same steps, so each point-to-point transfer happens at the same step on both ends:
+      - forward: *segments* — consecutive layers a rank runs on a pass, walked by one backward
+        root, with nothing to receive between them (a segment ends at a cut layer or cost and
+        before a layer that reads rows from another rank) — run as one call; a layer's output
+        goes to the ranks that read it right after the layer runs;
+      - backward, in rounds: each gradient return goes back as soon as the roots that read
+        its rows on the receiving rank have run, and each root (a cost or a cut layer) runs as
+        soon as its gradient is complete, so no rank waits for more of another's work than
+        the data require.
+  * Transfers: all of one step go out in one batch_isend_irecv (one NCCL group); a receiver
+    waits (work.wait(), which on NCCL only makes the current stream wait) only when it first
+    reads what came in, and sends are waited on at the end of the minibatch. Nothing is read
+    back to the host: the receiver sizes each buffer from what both ends can work out, the
+    rows from the plan's microbatch arithmetic and the per-row shape, dtype and memory format
+    from a header sent once per layer, pair of ranks and autocast setting.
   * After each pass: gradients of the weight groups due for an update are summed over exactly
     the ranks that hold the layer, one all-reduce per rank set over a flat buffer, then
     Ccn2SGD.step() applies each group when its updatePeriod_eff completes, scaling by
     1/(period · mini/numPasses).
-  * With compile_layers (--compile; auto: CUDA only), each layer this rank holds runs through
-    torch.compile on its own (fusing e.g. a layer's bias, neuron and dropout); the cuts,
-    transfers and the pass walk stay in Python between compiled layers.
+  * With compile_layers (--compile; auto: CUDA only), each segment runs through torch.compile
+    as one function (fusing across its layers); the cuts, transfers and the pass walk stay in
+    Python between segments.
 
 Each process builds the whole net (the cfg's geometry needs every layer) and keeps one Ccn2SGD
 over all of it, so checkpoints and resumes see one complete optimizer; it trains only the layers
@@ -37,29 +47,20 @@ before a test event (which tests, prints weight statistics and saves), never per
 """
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .. import fastpath
-
-
-@dataclass
-class _Transfer:
-    """One replica's rows sent to another rank at a forward step; its gradient comes back."""
-
-    layer: str
-    replica: int
-    src: int
-    dst: int
-    computed_pass: int   # the pass whose output of `layer` this is
-    return_pass: int     # the pass on whose backward the gradient goes back
-    layout: tuple = None  # (per-row shape, dtype, memory format), agreed by both ends
+from .plan import Post, RankProgram
 
 
 class _Output:
     """A layer's output on this rank: its local replicas' rows, batched in replica order."""
+
+    __slots__ = ("tensor", "value", "rows")
 
     def __init__(self, tensor, rows, is_cut):
         self.tensor = tensor
@@ -70,6 +71,144 @@ class _Output:
     def chunk(self, replica):
         start, stop = self.rows[replica]
         return self.value[start:stop]
+
+
+class _Batch:
+    """The works of one batch_isend_irecv, waited on once: by the first reader of what it
+    received, or at the end of the minibatch. Its ops hold the tensors they send (often
+    copies no one else holds) until then."""
+
+    __slots__ = ("works", "ops")
+
+    def __init__(self, works, ops):
+        self.works, self.ops = works, ops
+
+    def wait(self):
+        for work in self.works:
+            work.wait()
+        self.works = self.ops = ()
+
+
+@dataclass
+class _Run:
+    """A segment as one minibatch size runs it."""
+
+    call: object        # the segment's function, compiled or not
+    gathers: list       # how to build each argument (see PassSchedule._gathered)
+    outputs: list       # (layer, {replica: rows} or None for a cost, whether it is cut)
+
+
+@dataclass
+class _Send:
+    """A Post as one minibatch size runs it: each transfer with its rows."""
+
+    moves: list         # (Transfer, rows)
+
+
+@dataclass
+class _Round:
+    """A Round as one minibatch size runs it."""
+
+    returns: list       # (Transfer, rows)
+    roots: tuple
+
+
+class _Program:
+    """Everything one minibatch of `cases` cases needs that is arithmetic on the plan and this
+    rank: shard, data exchange, and per pass the forward steps and backward rounds, with every
+    row count and slice worked out. Built on the first minibatch of that size and kept."""
+
+    def __init__(self, schedule, cases):
+        program, placement = schedule.program, schedule.placement
+        self.shard = -(-cases // placement.world_size)
+        self.shard_start = min(schedule.rank * self.shard, cases)
+        self.slices = [placement.microbatch_slices(cases, g)
+                       for g in range(placement.data_groups)]
+        self._schedule = schedule
+        self._row_ranges = {}     # output_rows, by (layer, pass)
+        self.data_moves = self._data_moves()
+        self.forward = [[self._step(step, p) for step in steps]
+                        for p, steps in enumerate(program.forward)]
+        self.backward = [[_Round([(t, self.rows(t.layer, t.replica, t.computed_pass))
+                                  for t in r.returns], r.roots) for r in rounds]
+                         for rounds in program.backward]
+
+    def rows(self, name, replica, pass_idx):
+        schedule = self._schedule
+        return schedule.program.rows(self.slices[schedule.group], name, replica, pass_idx)
+
+    def output_rows(self, name, pass_idx):
+        """{replica: (start, stop)} of this rank's replicas of `name`, computed on `pass_idx`,
+        in their batched output."""
+        key = (name, pass_idx)
+        if key not in self._row_ranges:
+            rows, start = {}, 0
+            for replica in self._schedule.local[name]:
+                count = self.rows(name, replica, pass_idx)
+                rows[replica] = (start, start + count)
+                start += count
+            self._row_ranges[key] = rows
+        return self._row_ranges[key]
+
+    def _step(self, step, pass_idx):
+        schedule = self._schedule
+        if isinstance(step, Post):
+            return _Send([(t, self.rows(t.layer, t.replica, t.computed_pass))
+                          for t in step.transfers])
+        outputs = []
+        for index in step.outputs:
+            name = step.layers[index]
+            rows = None if schedule.model.layers[name].is_cost else \
+                self.output_rows(name, pass_idx)
+            outputs.append((name, rows, name in schedule.cuts))
+        return _Run(schedule.calls[_call_key(step)],
+                    [self._gather(read, pass_idx) for read in step.reads], outputs)
+
+    def _gather(self, read, pass_idx):
+        """How to build what a segment reads:
+          ("view", data layer, start, stop): rows of this rank's own shard;
+          ("pieces", data layer, microbatches): microbatches gathered at the start;
+          ("whole", layer): this rank's output of the layer, as it is;
+          ("parts", [("chunk", layer, start, stop) | ("received", (layer, replica))]): rows of
+          this rank's output and of received ones, concatenated in this order."""
+        schedule, name = self._schedule, read.layer
+        if schedule.model.layers[name].is_data:
+            bounds = [self.slices[schedule.group][i] for i in read.sources]
+            start, stop = bounds[0][0], bounds[-1][1]
+            contiguous = all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            if contiguous and self.shard_start <= start and \
+                    stop <= self.shard_start + self.shard:
+                # this rank's own shard: a view, and for one process the minibatch as it came
+                return ("view", name, start - self.shard_start, stop - self.shard_start)
+            return ("pieces", name, read.sources)
+        computed = pass_idx - pass_idx % schedule.plan.active_pass_period[name]
+        if read.sources == schedule.local[name]:
+            return ("whole", name)
+        rows = self.output_rows(name, computed)
+        return ("parts", [("chunk", name, *rows[s]) if s in rows else ("received", (name, s))
+                          for s in read.sources])
+
+    def _data_moves(self):
+        """The data exchange at the start of a minibatch, in the order every rank walks it:
+        ("send", data layer, start, stop, rank) of this rank's shard; ("local", key, start,
+        stop) and ("recv", key, rows, rank) of the pieces of key = (data layer, microbatch)."""
+        schedule, moves = self._schedule, []
+        shard, shard_start = self.shard, self.shard_start
+        for name, needs in schedule.data_needs.items():
+            for rank in sorted(needs):
+                for index in sorted(needs[rank]):
+                    start, stop = self.slices[schedule.placement.group_of(rank)][index]
+                    for owner in range(start // shard, -(-stop // shard)):
+                        lo, hi = max(start, owner * shard), min(stop, (owner + 1) * shard)
+                        if owner == schedule.rank and rank == schedule.rank:
+                            moves.append(("local", (name, index), lo - shard_start,
+                                          hi - shard_start))
+                        elif owner == schedule.rank:
+                            moves.append(("send", name, lo - shard_start, hi - shard_start,
+                                          rank))
+                        elif rank == schedule.rank:
+                            moves.append(("recv", (name, index), hi - lo, owner))
+        return moves
 
 
 class PassSchedule:
@@ -84,21 +223,44 @@ class PassSchedule:
                                                         if name in model.logits_for else [])
                        for name, layer in model.layers.items()}
         self.local = {name: self.placement.local_replicas(name, rank) for name in plan.order}
-        self.cuts = self.placement.cut_layers(self.inputs, rank)
+        self.program = RankProgram(self.placement, self.inputs, rank)
+        self.cuts = self.program.cuts
         self.data_needs = self.placement.data_needs(self.inputs)
-        # What runs each layer this rank holds: the layer, or its compiled form.
-        self.calls = {name: fastpath.forward_fn(layer, compile_layers)
-                      for name, layer in model.layers.items()
-                      if not layer.is_data and self.local[name]}
+        self.holders = {name: self.placement.holders(name) for name in plan.order}
+        self.rank_sets = self.placement.rank_sets()
+        # What runs each segment: its function, or that function compiled.
+        segments = {_call_key(step): step for steps in self.program.forward for step in steps
+                    if not isinstance(step, Post)}
+        self.calls = {key: fastpath.forward_fn(self._segment_function(segment), compile_layers)
+                      for key, segment in segments.items()}
         if compile_layers:
-            _make_room_for_compiled_layers(len(self.calls))
+            _make_room_for_compiled_segments()
+        self._programs = {}       # {cases: _Program}
         self._rank_groups = {}
         self._cost_lengths = None
         self._layouts = {}        # {(layer, src, dst, autocast): layout} learnt from headers
-        self._step, self.sends = [], []
+        self._step = []
 
-    def _rank(self, name, replica):
-        return self.placement.rank_of(self.plan.gpus[name][replica], self.group)
+    def _segment_function(self, segment):
+        """One function that runs the segment's layers over its reads and returns the outputs
+        used after it (a cost's as (objective, values)), written out as straight-line code:
+        torch.compile can then split the graph at a layer it cannot trace (a graph break in a
+        loop would make it give up on the whole segment), and each segment has a code object
+        of its own, on which torch.compile keeps its compiled entries (one shared by every
+        segment would make each call look through all of theirs)."""
+        name = re.sub(r"\W", "_", f"segment_{segment.layers[0]}_to_{segment.layers[-1]}")
+        reads = [f"r{i}" for i in range(len(segment.reads))]
+        values = reads + [f"a{i}" for i in range(len(segment.layers))]
+        lines = [f"def {name}({', '.join(reads)}):"]
+        for i, (layer_name, args) in enumerate(zip(segment.layers, segment.args)):
+            xs = [values[k] for k in args]
+            positional = len(self.model.layers[layer_name].input_names)
+            logits = [f"logits={x}" for x in xs[positional:]]
+            lines.append(f"    a{i} = layers[{i}]({', '.join(xs[:positional] + logits)})")
+        lines.append(f"    return ({''.join(f'a{i}, ' for i in segment.outputs)})")
+        namespace = {"layers": [self.model.layers[n] for n in segment.layers]}
+        exec("\n".join(lines), namespace)
+        return namespace[name]
 
     # -- one minibatch -------------------------------------------------------------------------
     def train_minibatch(self, mats, optimizer, autocast=contextlib.nullcontext, cases=None):
@@ -109,13 +271,16 @@ class PassSchedule:
         one process holds them all. Returns this rank's cost sums {cost layer: values}, children
         not folded, on the device; summed over ranks they are the minibatch's (`total_costs`).
         """
-        self._begin_minibatch(mats, mats[0].shape[0] if cases is None else cases)
+        cases = mats[0].shape[0] if cases is None else cases
+        if cases not in self._programs:
+            self._programs[cases] = _Program(self, cases)
+        program = self._programs[cases]
+        self._begin_minibatch(mats, program)
         sums = {}
         for pass_idx in range(self.plan.num_passes):
             with autocast():
-                costs = self._forward_pass(pass_idx)
-            self._backward_pass(pass_idx)
-            self._finish_sends()
+                costs = self._forward_pass(program.forward[pass_idx])
+            self._backward_pass(program.backward[pass_idx])
             self._sum_due_gradients(optimizer)
             optimizer.step()
             for name, values in costs.items():
@@ -152,233 +317,183 @@ class PassSchedule:
     def _device(self):
         return next(iter(self.model.parameters())).device
 
-    def _begin_minibatch(self, mats, cases):
-        self.outputs, self.received, self.objectives = {}, {}, {}
-        self.transfers = []
-        self.shard = -(-cases // self.placement.world_size)
-        self.shard_start = min(self.rank * self.shard, cases)
+    def _begin_minibatch(self, mats, program):
+        self.device = mats[0].device
+        self.outputs, self.objectives = {}, {}
+        self.received, self.waits = {}, {}   # leaves received, and the batches they are in
+        self.incoming = {}        # {cut layer: [(batch, replica, gradient)]} not yet added
+        self.layouts = {}         # {Transfer: layout} of this minibatch's transfers
+        self.batches = []
         self.data = {name: layer(mats) for name, layer in self.model.layers.items()
                      if layer.is_data}
-        self.slices = [self._microbatch_slices(cases, g)
-                       for g in range(self.placement.data_groups)]
-        self.data_pieces = self._exchange_data()
+        self._exchange_data(program.data_moves)
 
     def _end_minibatch(self):
-        self.outputs = self.received = self.objectives = self.data = self.data_pieces = None
+        for batch in self.batches:
+            batch.wait()
+        self.outputs = self.received = self.waits = self.objectives = self.incoming = None
+        self.data = self.data_parts = self.data_pieces = self.layouts = self.batches = None
 
-    def _microbatch_slices(self, cases, group):
-        """[start, stop) of each microbatch of data-parallel group `group`: part `group` of
-        every microbatch of the whole minibatch, so that pass p over all groups sees exactly
-        the cases one process would (spec §8 with W/G copies of the model group)."""
-        groups = self.placement.data_groups
-        out = []
-        for index in range(self.plan.max_replicas):
-            start, stop = self.plan.microbatch_bounds(cases, index)
-            part = -(-(stop - start) // groups)
-            out.append((min(start + group * part, stop), min(start + (group + 1) * part, stop)))
-        return out
+    def _exchange_data(self, moves):
+        """Fetch the pieces of the microbatches this rank's layers read from the ranks whose
+        shards hold them, in one batch. A piece's rows are arithmetic and its per-row shape
+        and dtype are those of this rank's own shard, so no header is needed."""
+        parts = {}
+        for move in moves:
+            if move[0] == "send":
+                _, name, start, stop, rank = move
+                self._post(dist.isend, self.data[name][start:stop].contiguous(), rank)
+            elif move[0] == "recv":
+                _, (name, index), rows, owner = move
+                local = self.data[name]
+                parts.setdefault((name, index), []).append(self._post(
+                    dist.irecv, local.new_empty((rows,) + local.shape[1:]), owner))
+            else:
+                _, (name, index), start, stop = move
+                parts.setdefault((name, index), []).append(self.data[name][start:stop])
+        batch = self._flush()
+        self.data_parts = {key: (pieces, batch) for key, pieces in parts.items()}
+        self.data_pieces = {}
 
-    def _rows(self, name, replica, pass_idx):
-        """How many cases replica `replica` of `name` computes on pass `pass_idx` of this group:
-        arithmetic every rank can do, so that a receiver sizes its buffer without a header."""
-        plan = self.plan
-        if self.model.layers[name].is_data:
-            start, stop = self.slices[self.group][plan.data_microbatch(name, replica, pass_idx)]
-            return stop - start
-        inp = self.inputs[name][0]
-        computed = pass_idx - pass_idx % plan.active_pass_period[inp]
-        return self._rows(inp, plan.feeding_replica(name, inp, replica, pass_idx), computed)
+    def _data_piece(self, name, index):
+        """This group's rows of microbatch `index` of data layer `name`, waited for and
+        concatenated when first read."""
+        key = (name, index)
+        if key not in self.data_pieces:
+            pieces, batch = self.data_parts.pop(key, ([], None))
+            if batch is not None:
+                batch.wait()
+            self.data_pieces[key] = pieces[0] if len(pieces) == 1 else \
+                torch.cat(pieces) if pieces else self.data[name][:0]
+        return self.data_pieces[key]
 
-    def _exchange_data(self):
-        """{(data layer, microbatch): this group's rows of it} for the microbatches this rank's
-        layers read, fetched piece by piece from the ranks whose shards hold them, in one
-        batch. A piece's rows are arithmetic and its per-row shape and dtype are those of this
-        rank's own shard, so no header is needed."""
-        parts_of = {}
-        for name, needs in self.data_needs.items():
-            local = self.data[name]
-            for rank in sorted(needs):
-                for index in sorted(needs[rank]):
-                    start, stop = self.slices[self.placement.group_of(rank)][index]
-                    parts = []
-                    for owner in range(start // self.shard, -(-stop // self.shard)):
-                        lo = max(start, owner * self.shard)
-                        hi = min(stop, (owner + 1) * self.shard)
-                        if owner == self.rank:
-                            piece = local[lo - self.shard_start:hi - self.shard_start]
-                            if rank == self.rank:
-                                parts.append(piece)
-                            else:
-                                self._post(dist.isend, piece.contiguous(), rank)
-                        elif rank == self.rank:
-                            parts.append(self._post(dist.irecv, local.new_empty(
-                                (hi - lo,) + local.shape[1:]), owner))
-                    if rank == self.rank:
-                        parts_of[(name, index)] = parts
-        self._flush()
-        return {(name, index): parts[0] if len(parts) == 1 else
-                torch.cat(parts) if parts else self.data[name][:0]
-                for (name, index), parts in parts_of.items()}
+    def _received(self, key):
+        """A received leaf, waited for when first read."""
+        leaf = self.received[key]
+        if key in self.waits:
+            batch = self.waits.pop(key)
+            if batch is not None:
+                batch.wait()
+            leaf.requires_grad_(leaf.is_floating_point())
+        return leaf
 
     # -- forward -------------------------------------------------------------------------------
-    def _forward_pass(self, pass_idx):
+    def _forward_pass(self, steps):
         costs = {}
-        for name, layer in self.model.layers.items():
-            if layer.is_data or not self.plan.runs_forward(name, pass_idx):
+        for step in steps:
+            if isinstance(step, _Send):
+                self._send_outputs(step.moves)
                 continue
-            self._exchange_inputs(name, pass_idx)
-            mine = self.local[name]
-            if not mine:
-                continue
-            xs, counts = zip(*[self._gather(name, inp, mine, pass_idx)
-                               for inp in self.inputs[name]])
-            if layer.is_cost:
-                n = len(layer.input_names)
-                kwargs = {"logits": xs[n]} if len(xs) > n else {}
-                objective, values = self.calls[name](*xs[:n], **kwargs)
-                if objective.requires_grad:
-                    self.objectives[name] = objective
-                costs[name] = values
-                continue
-            rows, start = {}, 0
-            for replica, count in zip(mine, counts[0]):
-                rows[replica] = (start, start + count)
-                start += count
-            self.outputs[name] = _Output(self.calls[name](*xs), rows, name in self.cuts)
+            results = step.call(*[self._gathered(spec) for spec in step.gathers])
+            for (name, rows, is_cut), result in zip(step.outputs, results):
+                if rows is None:
+                    objective, values = result
+                    if objective.requires_grad:
+                        self.objectives[name] = objective
+                    costs[name] = values
+                else:
+                    self.outputs[name] = _Output(result, rows, is_cut)
         return costs
 
-    def _gather(self, name, inp, mine, pass_idx):
-        """The input rows of this rank's replicas of `name`, batched; and the rows per replica."""
-        sources = [self.plan.feeding_replica(name, inp, r, pass_idx) for r in mine]
-        if inp in self.data:
-            return self._data_rows(inp, sources, pass_idx)
-        out = self.outputs.get(inp)
-        if out is not None and sources == list(out.rows):
-            return out.value, [stop - start for start, stop in out.rows.values()]
-        chunks = [out.chunk(s) if out is not None and s in out.rows else self.received[(inp, s)]
-                  for s in sources]
-        return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)), \
-            [c.shape[0] for c in chunks]
+    def _gathered(self, spec):
+        kind = spec[0]
+        if kind == "whole":
+            return self.outputs[spec[1]].value
+        if kind == "view":
+            _, name, start, stop = spec
+            return self.data[name][start:stop]
+        if kind == "pieces":
+            _, name, indices = spec
+            pieces = [self._data_piece(name, i) for i in indices]
+        else:
+            pieces = [self.outputs[part[1]].value[part[2]:part[3]] if part[0] == "chunk"
+                      else self._received(part[1]) for part in spec[1]]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _data_rows(self, name, replicas, pass_idx):
-        indices = [self.plan.data_microbatch(name, r, pass_idx) for r in replicas]
-        bounds = [self.slices[self.group][i] for i in indices]
-        counts = [stop - start for start, stop in bounds]
-        start, stop = bounds[0][0], bounds[-1][1]
-        contiguous = all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
-        if contiguous and self.shard_start <= start and stop <= self.shard_start + self.shard:
-            # this rank's own shard: a view, and for one process the minibatch as it came
-            local = self.data[name]
-            return local[start - self.shard_start:stop - self.shard_start], counts
-        pieces = [self.data_pieces[(name, i)] for i in indices]
-        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)), counts
-
-    def _exchange_inputs(self, name, pass_idx):
-        """Move every input replica that a replica of `name` reads on another rank there, all in
-        one batch; each rank walks the same list, so both ends post at the same step."""
-        period = self.plan.active_pass_period[name]
-        moves = []
-        for inp in self.inputs[name]:
-            if inp in self.data:
-                continue
-            computed = pass_idx - pass_idx % self.plan.active_pass_period[inp]
-            for replica in range(self.plan.replicas(name)):
-                source = self.plan.feeding_replica(name, inp, replica, pass_idx)
-                src, dst = self._rank(inp, source), self._rank(name, replica)
-                key = (inp, source, dst, computed)
-                if src == dst or any((t.layer, t.replica, t.dst, t.computed_pass) == key
-                                     for t in self.transfers):
-                    continue
-                transfer = _Transfer(inp, source, src, dst, computed, pass_idx + period - 1)
-                self.transfers.append(transfer)
-                if self.rank in (src, dst):
-                    moves.append(transfer)
-        if not moves:
-            return
-        self._agree_layouts(moves)
+    def _send_outputs(self, moves):
+        """Post one layer's transfers: its rows to the ranks that read them, or what this rank
+        reads of them into new leaves, waited on when first read."""
+        layouts = self._agree_layouts([t for t, _ in moves])
         received = []
-        for t in moves:
-            rows = self._rows(t.layer, t.replica, t.computed_pass)
+        for (t, rows), layout in zip(moves, layouts):
+            self.layouts[t] = layout
             if self.rank == t.src:
-                sent = _laid_out(self.outputs[t.layer].chunk(t.replica).detach(), t.layout, rows)
+                sent = _laid_out(self.outputs[t.layer].chunk(t.replica).detach(), layout, rows)
                 self._post(dist.isend, sent, t.dst)
             else:
-                value = _empty(t.layout, rows, self._device())
-                received.append((t, self._post(dist.irecv, value, t.src)))
-        self._flush()
-        for t, value in received:
-            self.received[(t.layer, t.replica)] = value.requires_grad_(
-                value.is_floating_point())
+                value = _empty(layout, rows, self.device)
+                self.received[(t.layer, t.replica)] = self._post(dist.irecv, value, t.src)
+                received.append((t.layer, t.replica))
+        batch = self._flush()
+        for key in received:
+            self.waits[key] = batch
 
-    def _agree_layouts(self, moves):
-        """Give each transfer the per-row shape, dtype and memory format its receiver allocates.
+    def _agree_layouts(self, transfers):
+        """The per-row shape, dtype and memory format each transfer's receiver allocates.
         The first transfer of a layer between two ranks under one autocast setting sends them
         ahead in a header, read once on the host; later ones reuse what both ends kept."""
-        kind = self._device().type
+        kind = self.device.type
         autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        keys = [(t.layer, t.src, t.dst, autocast) for t in transfers]
         headers = {}
-        for t in moves:
-            key = (t.layer, t.src, t.dst, autocast)
+        for t, key in zip(transfers, keys):
             if key in self._layouts or key in headers:
                 continue
             if self.rank == t.src:
                 layout = _layout_of(self.outputs[t.layer].chunk(t.replica))
                 self._layouts[key] = layout
-                self._post(dist.isend, _encode_layout(layout, self._device()), t.dst)
+                self._post(dist.isend, _encode_layout(layout, self.device), t.dst)
             else:
                 headers[key] = self._post(dist.irecv, torch.empty(
-                    _HEADER, dtype=torch.int64, device=self._device()), t.src)
-        self._flush()
+                    _HEADER, dtype=torch.int64, device=self.device), t.src)
+        batch = self._flush()
+        if headers:
+            batch.wait()
         for key, header in headers.items():
             self._layouts[key] = _decode_layout(header.tolist())
-        for t in moves:
-            t.layout = self._layouts[(t.layer, t.src, t.dst, autocast)]
+        return [self._layouts[key] for key in keys]
 
     # -- backward ------------------------------------------------------------------------------
-    def _backward_pass(self, pass_idx):
-        roots = []
-        for name in reversed(self.plan.order):
-            layer = self.model.layers[name]
-            if layer.is_cost:
-                if self.plan.runs_backward(name, pass_idx) and name in self.objectives:
+    def _backward_pass(self, rounds):
+        for step in rounds:
+            self._return_gradients(step.returns)
+            roots = []
+            for name in step.roots:
+                if name in self.objectives:
                     roots.append((self.objectives.pop(name), None))
-                continue
-            if name not in self.cuts:
-                continue
-            returns = [t for t in self.transfers if t.layer == name and t.return_pass == pass_idx]
-            owns = name in self.outputs and self.plan.runs_backward(name, pass_idx)
-            if not returns and not owns:
-                continue
+                elif name in self.outputs:
+                    out = self.outputs[name]
+                    self._add_incoming(name, out)
+                    if out.value is not out.tensor and out.value.grad is not None:
+                        roots.append((out.tensor, out.value.grad))
             _run_backward(roots)
-            self._return_gradients(returns)
-            out = self.outputs.get(name)
-            if owns and out.value is not out.tensor and out.value.grad is not None:
-                roots.append((out.tensor, out.value.grad))
-        _run_backward(roots)
 
     def _return_gradients(self, returns):
         """Send each received leaf's gradient back to the rank that computed its rows, all of
-        this step in one batch, and add what comes back into the cut output's gradient."""
+        this step in one batch; what comes back is added when its layer's root runs."""
         incoming = []
-        for t in returns:
-            if self.rank not in (t.src, t.dst):
-                continue
+        for t, rows in returns:
+            layout = self.layouts[t]
             if self.rank == t.dst:
                 leaf = self.received.pop((t.layer, t.replica))
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                self._post(dist.isend, _laid_out(grad, t.layout, leaf.shape[0]), t.src)
+                self._post(dist.isend, _laid_out(grad, layout, rows), t.src)
             else:
-                start, stop = self.outputs[t.layer].rows[t.replica]
-                grad = _empty(t.layout, stop - start, self._device())
+                grad = _empty(layout, rows, self.device)
                 incoming.append((t, self._post(dist.irecv, grad, t.dst)))
-        self._flush()
+        batch = self._flush()
         for t, grad in incoming:
-            out = self.outputs[t.layer]
+            self.incoming.setdefault(t.layer, []).append((batch, t.replica, grad))
+
+    def _add_incoming(self, name, out):
+        for batch, replica, grad in self.incoming.pop(name, ()):
+            if batch is not None:
+                batch.wait()
             if out.value is out.tensor:
                 continue                     # no graph above: nothing to propagate
             if out.value.grad is None:
                 out.value.grad = torch.zeros_like(out.value)
-            start, stop = out.rows[t.replica]
+            start, stop = out.rows[replica]
             out.value.grad[start:stop] += grad
 
     # -- gradient sums and weights across ranks ------------------------------------------------
@@ -393,13 +508,11 @@ class PassSchedule:
         buckets = {}
         for group in optimizer.param_groups:
             param = group["params"][0]
-            if not self.local[group["layer"]] or \
-                    optimizer.state[param]["pending"] + 1 < group["update_period"]:
-                continue
-            holders = self.placement.holders(group["layer"])
-            if len(holders) > 1:
+            holders = self.holders[group["layer"]]
+            if len(holders) > 1 and self.local[group["layer"]] and \
+                    optimizer.state[param]["pending"] + 1 >= group["update_period"]:
                 buckets.setdefault(holders, {}).setdefault(param.dtype, []).append(param)
-        for holders in self.placement.rank_sets():
+        for holders in self.rank_sets:
             for params in buckets.get(holders, {}).values():
                 flat, views = _flat_views(params)
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -413,7 +526,7 @@ class PassSchedule:
         if not self.distributed:
             return
         world = tuple(range(self.placement.world_size))
-        for holders in self.placement.rank_sets():
+        for holders in self.rank_sets:
             self._rank_groups[holders] = None if holders == world else dist.new_group(
                 list(holders))
 
@@ -437,7 +550,7 @@ class PassSchedule:
         buckets = {}
         for group in optimizer.param_groups:
             param = group["params"][0]
-            holders = self.placement.holders(group["layer"])
+            holders = self.holders[group["layer"]]
             if len(holders) < self.placement.world_size:
                 buckets.setdefault((holders[0], param.dtype), []).extend(
                     [param, optimizer.increment(param)])
@@ -458,23 +571,14 @@ class PassSchedule:
         return tensor
 
     def _flush(self):
-        """Post this step's batch. One that receives is waited on now (on NCCL: the current
-        stream waits, the host does not); one that only sends is waited on after the pass."""
+        """Post this step's batch; returns it (None if it moves nothing) to be waited on by
+        whoever reads what it received, and in any case at the end of the minibatch."""
         ops, self._step = self._step, []
         if not ops:
-            return
-        works = dist.batch_isend_irecv(ops)
-        if any(op.op is dist.irecv for op in ops):
-            for work in works:
-                work.wait()
-        else:
-            self.sends.append((works, ops))
-
-    def _finish_sends(self):
-        for works, _ in self.sends:
-            for work in works:
-                work.wait()
-        self.sends = []
+            return None
+        batch = _Batch(dist.batch_isend_irecv(ops), ops)
+        self.batches.append(batch)
+        return batch
 
 
 # The element types and memory formats a transfer may carry, by index in its header.
@@ -532,24 +636,27 @@ def _flat_views(tensors):
     return flat, views
 
 
-# Compiled entries one layer may need: one per input size it meets (the full microbatches, those
-# of a short last minibatch, and the 1- and 0-row ones that dynamo specialises).
-_ENTRIES_PER_LAYER = 4
+# Compiled entries one segment may need: one per input size it meets (the full microbatches,
+# those of a short last minibatch, and the 1- and 0-row ones that dynamo specialises).
+_ENTRIES_PER_SEGMENT = 4
 
 
-def _make_room_for_compiled_layers(count):
-    """Layers of one class share the compiled code of their forward, whose cache dynamo caps
-    at recompile_limit entries (8) over all of them, one per weight shape and input size;
-    beyond it a layer quietly runs uncompiled. Raise the cap to what `count` layers need."""
+def _make_room_for_compiled_segments():
+    """dynamo keeps at most recompile_limit compiled entries per code object (8 by default;
+    beyond it a segment quietly runs uncompiled); each segment has a code object of its own
+    and needs up to _ENTRIES_PER_SEGMENT of them."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), _ENTRIES_PER_LAYER * count))
+    setattr(config, name, max(getattr(config, name), _ENTRIES_PER_SEGMENT))
+
+
+def _call_key(segment):
+    """What a segment's function depends on: segments of different passes that run the same
+    layers the same way share it (and its compiled entries), wherever their rows come from."""
+    return segment.layers, segment.args, segment.outputs
 
 
 def _run_backward(roots):
-    """One backward call for the roots collected so far (their upstream graphs are disjoint)."""
+    """One backward call for the roots of a round (their upstream graphs are disjoint)."""
     if roots:
-        tensors = [t for t, _ in roots]
-        grads = [g for _, g in roots]
-        torch.autograd.backward(tensors, grads)
-        roots.clear()
+        torch.autograd.backward([t for t, _ in roots], [g for _, g in roots])

@@ -12,7 +12,9 @@ module derives and validates, once:
     reads input replica r + R·((p / period) % (inputReplicas / R));
   * placement: GPU indices 0..G−1 are the ranks of one *model group*; W processes with W a
     multiple of G form W/G data-parallel copies of it; with W < G several indices share one
-    process (and device), which changes where things run but not the arithmetic.
+    process (and device), which changes where things run but not the arithmetic;
+  * one rank's program (RankProgram): the transfers between ranks, the segments of layers it
+    runs as one call, and the order of its sends, receives and backward roots on each pass.
 """
 
 from dataclasses import dataclass
@@ -256,6 +258,21 @@ class Placement:
         return tuple(sorted({self.rank_of(g, d) for d in range(self.data_groups)
                              for g in self.plan.gpus[name]}))
 
+    def group_ranks(self, group):
+        """The ranks of data-parallel group `group`, in order."""
+        return sorted({self.rank_of(g, group) for g in range(self.num_gpus)})
+
+    def microbatch_slices(self, cases, group):
+        """[start, stop) of each microbatch of data-parallel group `group`: part `group` of
+        every microbatch of the whole minibatch, so that pass p over all groups sees exactly
+        the cases one process would (spec §8 with W/G copies of the model group)."""
+        out = []
+        for index in range(self.plan.max_replicas):
+            start, stop = self.plan.microbatch_bounds(cases, index)
+            part = -(-(stop - start) // self.data_groups)
+            out.append((min(start + group * part, stop), min(start + (group + 1) * part, stop)))
+        return out
+
     def rank_sets(self):
         """Every rank set that holds a layer replicated over several ranks, in one global order
         (file order of first use), so that all ranks issue their collectives in the same order."""
@@ -266,11 +283,13 @@ class Placement:
                 seen.append(holders)
         return seen
 
-    def cut_layers(self, reads, rank):
-        """The layers whose outputs the pass schedule detaches for its consumers, which then
-        run backward from that leaf's accumulated gradient: outputs read by layers with fewer
-        replicas (spec §8: wide layers run backward once, with the gradient of every pass) or
-        by another rank. `reads` maps each layer to the layers it reads, hidden ones included.
+    def backward_roots(self, reads, rank):
+        """{layer: the root whose backward call walks it} for every layer but the data layers
+        (None for one that leads to no cost). `reads` maps each layer to the layers it reads,
+        hidden ones included. The roots are the cost layers and the *cut layers*, whose outputs
+        the pass schedule detaches for their consumers and which then run backward from that
+        leaf's accumulated gradient: outputs read by layers with fewer replicas (spec §8: wide
+        layers run backward once, with the gradient of every pass) or by another rank.
 
         Backward then runs from several roots (costs, cut layers) at different steps, so a
         layer whose consumers lead to more than one root becomes a root too: every part of the
@@ -298,9 +317,14 @@ class Placement:
                 continue
             roots[name] = set().union(*(roots[u] for u in consumers[name]))
             if len(roots[name]) > 1 and not node.is_data:
-                cuts.add(name)
                 roots[name] = {name}
-        return cuts
+        return {name: next(iter(roots[name]), None) for name in plan.order
+                if not plan.nodes[name].is_data}
+
+    def cut_layers(self, reads, rank):
+        """The layers other than costs that are roots of their own (`backward_roots`)."""
+        return {name for name, root in self.backward_roots(reads, rank).items()
+                if root == name and not self.plan.nodes[name].is_cost}
 
     def data_needs(self, reads):
         """{data layer: {rank: indices of the microbatches its layers read}}, all groups."""
@@ -327,6 +351,226 @@ class Placement:
             lines.append(f"Layer '{name}': {self.plan.replicas(name)} replica(s) on GPUs "
                          f"{_listed(self.plan.gpus[name])} -> ranks {' | '.join(groups)}")
         return lines
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Rows of one replica's output that a layer on another rank reads: sent right after the
+    pass that computes them runs the layer; their gradient goes back on `return_pass`."""
+
+    layer: str
+    replica: int
+    src: int
+    dst: int
+    computed_pass: int
+    return_pass: int
+
+
+@dataclass(frozen=True)
+class Read:
+    """What a segment reads from outside, batched in this order: replicas of a layer's output
+    (this rank's own or received), or microbatches of a data layer."""
+
+    layer: str
+    sources: tuple      # replicas of `layer`; for a data layer, microbatch indices
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive layers that one rank runs on a pass, all walked by one backward root, with
+    no transfer to wait for between them: what runs as one call (one compiled function).
+    A cut layer or cost, being a root, always ends its segment."""
+
+    layers: tuple       # names, in file order
+    reads: tuple        # Read of each outside input, in order of first use
+    args: tuple         # per layer, where each of its inputs is: index into reads + layers
+    outputs: tuple      # indices of the layers whose outputs are used after the segment
+
+
+@dataclass(frozen=True)
+class Post:
+    """The transfers of one layer's output on one pass that concern this rank (as sender or
+    receiver), all posted at once right after the layer runs."""
+
+    transfers: tuple
+
+
+@dataclass(frozen=True)
+class Round:
+    """One step of a pass's backward: the gradient returns that concern this rank, then the
+    roots whose backward this rank runs next (one call; their graphs are disjoint)."""
+
+    returns: tuple
+    roots: tuple
+
+
+class RankProgram:
+    """What one rank does on each pass of a minibatch, worked out once from the plan.
+
+    Every rank of a model group walks the net in file order and derives the same transfers and
+    the same steps, so each point-to-point transfer is posted at the same step on both ends.
+
+      * forward[p]: Segment and Post steps. A layer's output goes to the ranks that read it
+        right after the layer runs (for every pass that reads it), so that a receiver never
+        waits for more of the sender's work than the rows it needs; a rank that only receives
+        posts before the segment it is in the middle of (nothing there is waited for, and the
+        order of the posts stays that of the walk).
+      * backward[p]: Rounds, worked out for every rank of the group together. A round sends
+        every gradient return that is complete (all the receiver's roots that read the rows
+        have run), then runs every root whose gradient is complete (the roots on its rank that
+        read it have run, and every return for it has come in). So each rank sends a gradient
+        as soon as it exists and runs a root as soon as it can: no rank waits for more of
+        another's backward than the data require.
+    """
+
+    def __init__(self, placement, reads, rank):
+        self.placement, self.plan, self.reads, self.rank = placement, placement.plan, reads, rank
+        self.group = placement.group_of(rank)
+        self.ranks = placement.group_ranks(self.group)
+        self.roots = placement.backward_roots(reads, rank)
+        self.cuts = {name for name, root in self.roots.items()
+                     if root == name and not self.plan.nodes[name].is_cost}
+        self.consumers = {name: [u for u in self.plan.order if name in reads[u]]
+                          for name in self.plan.order}
+        self.transfers = self._transfers()
+        self.forward = [self._forward(p) for p in range(self.plan.num_passes)]
+        self.backward = [self._backward(p) for p in range(self.plan.num_passes)]
+
+    def rank_of(self, name, replica):
+        return self.placement.rank_of(self.plan.gpus[name][replica], self.group)
+
+    def local(self, name, rank=None):
+        return self.placement.local_replicas(name, self.rank if rank is None else rank)
+
+    def is_data(self, name):
+        return self.plan.nodes[name].is_data
+
+    def sources(self, name, inp, replicas, pass_idx):
+        """What replicas `replicas` of `name` read of input `inp` on this pass: replicas of
+        its output, or for a data layer the microbatches its replicas deliver."""
+        plan = self.plan
+        feeding = [plan.feeding_replica(name, inp, r, pass_idx) for r in replicas]
+        if self.is_data(inp):
+            return tuple(plan.data_microbatch(inp, s, pass_idx) for s in feeding)
+        return tuple(feeding)
+
+    def rows(self, slices, name, replica, pass_idx):
+        """How many cases replica `replica` of `name` computes on pass `pass_idx`, given this
+        group's microbatch `slices`: arithmetic every rank can do, so that a receiver sizes
+        its buffer without a header."""
+        plan = self.plan
+        if self.is_data(name):
+            start, stop = slices[plan.data_microbatch(name, replica, pass_idx)]
+            return stop - start
+        inp = self.reads[name][0]
+        computed = pass_idx - pass_idx % plan.active_pass_period[inp]
+        return self.rows(slices, inp, plan.feeding_replica(name, inp, replica, pass_idx),
+                         computed)
+
+    def _transfers(self):
+        """Every transfer of this rank's group, in the order the walk first needs them."""
+        plan, found = self.plan, {}
+        for p in range(plan.num_passes):
+            for name in plan.order:
+                if self.is_data(name) or not plan.runs_forward(name, p):
+                    continue
+                for inp in self.reads[name]:
+                    if self.is_data(inp):
+                        continue
+                    computed = p - p % plan.active_pass_period[inp]
+                    for replica in range(plan.replicas(name)):
+                        source = plan.feeding_replica(name, inp, replica, p)
+                        src, dst = self.rank_of(inp, source), self.rank_of(name, replica)
+                        key = (inp, source, dst, computed)
+                        if src != dst and key not in found:
+                            found[key] = Transfer(inp, source, src, dst, computed,
+                                                  p + plan.active_pass_period[name] - 1)
+        return list(found.values())
+
+    def _forward(self, pass_idx):
+        plan, steps, run = self.plan, [], []
+        for name in plan.order:
+            if self.is_data(name) or not plan.runs_forward(name, pass_idx):
+                continue
+            mine = self.local(name)
+            if mine:
+                received = any(self.rank_of(inp, s) != self.rank for inp in self.reads[name]
+                               if not self.is_data(inp)
+                               for s in self.sources(name, inp, mine, pass_idx))
+                if run and (received or self.roots[run[-1]] != self.roots[name]):
+                    steps.append(self._segment(run, pass_idx))
+                    run = []
+                run.append(name)
+                if self.roots[name] == name:
+                    steps.append(self._segment(run, pass_idx))
+                    run = []
+            posts = tuple(t for t in self.transfers if t.layer == name and
+                          t.computed_pass == pass_idx and self.rank in (t.src, t.dst))
+            if posts:
+                steps.append(Post(posts))
+        if run:
+            steps.append(self._segment(run, pass_idx))
+        return steps
+
+    def _segment(self, layers, pass_idx):
+        order = {name: i for i, name in enumerate(layers)}
+        inputs = [[(inp, Read(inp, self.sources(name, inp, self.local(name), pass_idx)))
+                   for inp in self.reads[name]] for name in layers]
+        reads = list(dict.fromkeys(read for pairs in inputs for inp, read in pairs
+                                   if inp not in order))
+        args = tuple(tuple(len(reads) + order[inp] if inp in order else reads.index(read)
+                           for inp, read in pairs) for pairs in inputs)
+        outputs = tuple(i for i, name in enumerate(layers)
+                        if self.roots[name] == name or
+                        any(u not in order for u in self.consumers[name]))
+        return Segment(tuple(layers), tuple(reads), args, outputs)
+
+    def _backward(self, pass_idx):
+        plan = self.plan
+        # Per rank of the group: its roots on this pass, and the leaves each one's backward
+        # reaches: (cut layer, None) for the rank's own output of it, (layer, replica) for
+        # rows it received.
+        roots, reads = {}, {}
+        for rank in self.ranks:
+            roots[rank] = [name for name in reversed(plan.order)
+                           if self.roots.get(name) == name and self.local(name, rank)
+                           and plan.runs_backward(name, pass_idx)]
+            reads[rank] = {root: set() for root in roots[rank]}
+            for name in plan.order:
+                mine = () if self.is_data(name) else self.local(name, rank)
+                if not mine or self.roots[name] not in reads[rank] or \
+                        not plan.runs_backward(name, pass_idx):
+                    continue
+                forward_pass = pass_idx - plan.active_pass_period[name] + 1
+                for inp in self.reads[name]:
+                    if inp not in self.cuts:
+                        continue
+                    for s in self.sources(name, inp, mine, forward_pass):
+                        leaf = (inp, None) if self.rank_of(inp, s) == rank else (inp, s)
+                        reads[rank][self.roots[name]].add(leaf)
+        returns = [t for t in self.transfers if t.return_pass == pass_idx]
+        done, rounds = set(), []
+
+        def complete(rank, leaf):
+            return all((rank, root) in done for root in roots[rank]
+                       if leaf in reads[rank][root])
+
+        while returns or any((rank, root) not in done for rank in roots
+                             for root in roots[rank]):
+            now = [t for t in returns if complete(t.dst, (t.layer, t.replica))]
+            returns = [t for t in returns if t not in now]
+            ready = {rank: [root for root in roots[rank] if (rank, root) not in done
+                            and complete(rank, (root, None))
+                            and not any(t.layer == root and t.src == rank for t in returns)]
+                     for rank in roots}
+            if not now and not any(ready.values()):
+                raise RuntimeError(f"internal error: the backward of pass {pass_idx} is stuck")
+            done.update((rank, root) for rank in ready for root in ready[rank])
+            mine = Round(tuple(t for t in now if self.rank in (t.src, t.dst)),
+                         tuple(ready[self.rank]))
+            if mine.returns or mine.roots:
+                rounds.append(mine)
+        return rounds
 
 
 def _listed(values):
