@@ -71,12 +71,7 @@ class Ccn2SGD(torch.optim.Optimizer):
     weights_only=True): layer, kind ("weights", i) | ("biases",), layer_type, schedule (its
     to_dict()), base_lr, lr (ε now), momentum, wc (0 for biases), wball, wc_norm_max/min,
     update_period (effective) and nominal_cases (Nnom).
-
-    keep_gradient_buffers: after an update, zero the applied gradients in place instead of
-    dropping them (set by engines whose gradients are views of their own buffers, like DDP's).
     """
-
-    keep_gradient_buffers = False
 
     def __init__(self, weight_layers, minibatch, num_passes=1, active_pass_period=None):
         if minibatch < 1 or num_passes < 1:
@@ -161,17 +156,10 @@ class Ccn2SGD(torch.optim.Optimizer):
                 state["pending"] = 0
                 due.append(group)
         self._apply(due)
-        applied = []
         for group in due:
             if group["base_lr"] > 0:
                 self._constrain(group)
-            p = group["params"][0]
-            if self.keep_gradient_buffers and p.grad is not None:
-                applied.append(p.grad)
-            else:
-                p.grad = None
-        if applied:
-            torch._foreach_zero_(applied)
+            group["params"][0].grad = None
         return loss
 
     def _apply(self, due):

@@ -223,11 +223,6 @@ class DdpSync(_Ranks):
         dist.all_reduce(values)
         return values.cpu()
 
-    def attach(self, optimizer):
-        # The gradients are views of DDP's buckets (gradient_as_bucket_view): dropped after an
-        # update, the next backward would allocate new ones and DDP would copy them back in.
-        optimizer.keep_gradient_buffers = True
-
     def broadcast(self, value):
         import torch.distributed as dist
         box = [value]
