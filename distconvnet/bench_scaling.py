@@ -63,6 +63,7 @@ import numpy as np
 
 from .errors import DistconvnetError, OptionError
 from .metrics import read_log
+from .parallel.launch import NCCL_SAFE_ENV
 from .providers.batches import write_batch, write_meta
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,9 +73,6 @@ MPIRUN_SCRIPT = REPO / "launch" / "mpirun.sh"
 
 NETS_2GPU = ["imagenet-2gpu-data", "imagenet-2gpu-model", "imagenet-2gpu-hybrid"]
 NETS_4GPU = ["imagenet-4gpu-data", "imagenet-4gpu-data-model"]
-# Where the fabric cannot do NVLink SHARP multicast, NCCL hangs at start (launch/*.sh say so).
-NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-            "NVSHMEM_DISABLE_NVLS": "1"}
 # Left over from a launcher that started this benchmark, they would make the runs join its job.
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
@@ -159,7 +157,7 @@ def launch_command(launcher, count, device, args):
 
 
 def run_environment(extra, device, threads):
-    env = {**os.environ, **NVLS_OFF, **extra}
+    env = {**os.environ, **NCCL_SAFE_ENV, **extra}
     for name in LAUNCH_VARS:
         env.pop(name, None)
     # mpirun and torchrun of this Python's environment, also when it is not activated

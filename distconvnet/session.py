@@ -356,13 +356,15 @@ class Session:
 
     def record_train(self, epoch, batchnum, sums, cases):
         self.epoch, self.batchnum = epoch, batchnum
-        raw = self.raw_sums(sums)
-        self.train_outputs.append((raw, cases))
-        return self._filtered(raw, cases)
+        return self._record(self.train_outputs, sums, cases)
 
     def record_test(self, sums, cases):
+        return self._record(self.test_outputs, sums, cases)
+
+    def _record(self, history, sums, cases):
+        """Append the batch's sums to `history`; returns the printed costs."""
         raw = self.raw_sums(sums)
-        self.test_outputs.append((raw, cases))
+        history.append((raw, cases))
         return self._filtered(raw, cases)
 
     def test_averages(self):

@@ -58,12 +58,19 @@ def _window_sum(q, window, size, transposed):
     return _shifted_sum(_shifted_sum(q, 2, size, before), 3, size, before)
 
 
+def _spatial_mean(q, size, in_image_only=False):
+    """Mean of q over the size×size window whose corner is at (y, x) − ⌊size/2⌋, clipped; the
+    divisor is size² or, with in_image_only, the count of in-image pixels."""
+    mean = F.avg_pool2d(q, size, 1, size // 2, count_include_pad=not in_image_only)
+    h, w = q.shape[-2:]
+    return mean if mean.shape[-1] == w else mean[:, :, :h, :w]   # an even size makes one extra
+
+
 def _window_mean(q, window, size):
     """Σ_W q / |W| through average pools with zero padding counted: the formula for inductor."""
-    n, c, h, w = q.shape
     if window == SPATIAL:
-        mean = F.avg_pool2d(q, size, 1, size // 2)
-        return mean if mean.shape[-1] == w else mean[:, :, :h, :w]   # an even size: one extra
+        return _spatial_mean(q, size)
+    n, c, h, w = q.shape
     if window == BLOCKED:
         return _window_sum(q, BLOCKED, size, False) / size
     half = size // 2
@@ -177,12 +184,6 @@ class ContrastNormLayer(NormLayer):
         x = self.as_image(x, self.channels, self.img_size)
         # Each pixel's own local mean, over in-image pixels only (the original's AvgPooler),
         # then the size×size sum of the squared differences around the output pixel.
-        diffs = x - self.spatial_mean(x, in_image_only=True)
-        return x * (self.min_div + self.scale * self.spatial_mean(diffs * diffs)).pow(-self.pow)
-
-    def spatial_mean(self, q, in_image_only=False):
-        """Mean of q over the size×size window whose corner is at (y, x) − ⌊size/2⌋, clipped;
-        the divisor is size² or, with in_image_only, the count of in-image pixels."""
-        y = F.avg_pool2d(q, self.size, 1, self.size // 2, count_include_pad=not in_image_only)
-        s = self.img_size
-        return y if y.shape[-1] == s else y[:, :, :s, :s]   # an even size makes one extra
+        diffs = x - _spatial_mean(x, self.size, in_image_only=True)
+        return x * (self.min_div + self.scale * _spatial_mean(diffs * diffs, self.size)
+                    ).pow(-self.pow)

@@ -296,12 +296,12 @@ class PassSchedule:
         if self._cost_lengths is None:
             # Once per run: which costs run where does not change.
             lengths = torch.tensor([len(sums[c.name]) if c.name in sums else 0 for c in costs],
-                                   dtype=torch.int64, device=self._device())
+                                   dtype=torch.int64, device=self.device)
             if self.distributed:
                 dist.all_reduce(lengths, op=dist.ReduceOp.MAX)
             self._cost_lengths = lengths.tolist()
         whole = {c.name: sums[c.name] if c.name in sums else
-                 torch.zeros(n, device=self._device())
+                 torch.zeros(n, device=self.device)
                  for c, n in zip(costs, self._cost_lengths)}
         return self.model.fold_children(whole)
 
@@ -313,9 +313,6 @@ class PassSchedule:
             dist.all_reduce(flat)
             costs = dict(zip(costs, flat.split([len(v) for v in costs.values()])))
         return costs
-
-    def _device(self):
-        return next(iter(self.model.parameters())).device
 
     def _begin_minibatch(self, mats, program):
         self.device = mats[0].device

@@ -428,8 +428,7 @@ class RankProgram:
         self.group = placement.group_of(rank)
         self.ranks = placement.group_ranks(self.group)
         self.roots = placement.backward_roots(reads, rank)
-        self.cuts = {name for name, root in self.roots.items()
-                     if root == name and not self.plan.nodes[name].is_cost}
+        self.cuts = placement.cut_layers(reads, rank)
         self.consumers = {name: [u for u in self.plan.order if name in reads[u]]
                           for name in self.plan.order}
         self.transfers = self._transfers()
