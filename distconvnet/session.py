@@ -2,6 +2,7 @@
 console, run directory and history. The loop in train.py only talks to this object.
 """
 
+import gc
 import os
 import random
 import re
@@ -308,6 +309,12 @@ class Session:
         for provider in (self.train_data, self.test_data):
             if hasattr(provider, "close"):
                 provider.close()    # the image provider's threads and DALI buffers
+        # DDP's reducer and the pass schedule hold process groups. A group still referenced
+        # after destroy_process_group is freed during interpreter shutdown, where gloo's
+        # worker threads can abort the process ("terminate called without an active
+        # exception", seen once in CI); free them while the interpreter is whole.
+        self.forward = self.pass_schedule = None
+        gc.collect()
         self.sync.close()
 
     def feature_layers(self):

@@ -229,6 +229,9 @@ def teardown():
     """Leave the process group, and MPI if we joined it; only after a run that succeeded."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        # Rank 0 still writes its checkpoint when the others are done: without the barrier a
+        # rank would close its connections while a peer's are still live.
+        dist.barrier()
         dist.destroy_process_group()
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
