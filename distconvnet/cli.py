@@ -11,6 +11,8 @@ import sys
 
 from .errors import DistconvnetError
 
+HELP_FLAGS = ("-h", "--help")
+
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -51,7 +53,8 @@ def _wants_debug(argv):
 
 def train_command(argv):
     from . import options, report
-    if not argv:
+    # The original printed its usage table for no arguments; -h and --help do too here.
+    if not argv or any(arg in HELP_FLAGS for arg in argv):
         print(options.usage_text(bold=sys.stdout.isatty()))
         return 0
     import torch

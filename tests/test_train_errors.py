@@ -120,3 +120,10 @@ def test_nan_cost_stops_and_keeps_the_last_checkpoint(saved_copy, tmp_path):
 def test_the_real_command_exits_1_without_a_traceback(tmp_path):
     status, stdout, stderr = run_convnet(["--load-file", tmp_path / "nothing-here"])
     assert_one_error_line(status, stdout, stderr, "does not exist")
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["-h"], ["--mini", "32", "--help"]])
+def test_no_arguments_or_help_print_the_usage_table(argv):
+    status, out, err = run_in_process(argv)
+    assert (status, err) == (0, "")
+    assert out.startswith("convnet.py usage:") and "--mini <int>" in out
