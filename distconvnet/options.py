@@ -17,6 +17,7 @@ Deliberate differences from the original (python_util/options.py):
 """
 
 import copy
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -315,7 +316,9 @@ def _find_option(name):
     if matches:
         raise OptionError(f"option --{name} is ambiguous: it could be "
                           + ", ".join("--" + m for m in matches))
-    raise OptionError(f"unknown option --{name}")
+    close = difflib.get_close_matches(name, BY_FLAG, n=1)
+    raise OptionError(f"unknown option --{name}"
+                      + (f" (did you mean --{close[0]}?)" if close else ""))
 
 
 def _parse_value(row, text):

@@ -116,6 +116,7 @@ def test_unique_prefixes_are_accepted_as_getopt_does():
     (["--gpu", ""], "--gpu: expected a comma-separated list of ints, got ''"),
     (["--precision", "fp16"], "--precision: expected one of auto, fp32, bf16, got 'fp16'"),
     (["--frobnicate", "1"], "unknown option --frobnicate"),
+    (["--color-nosie", "0.1"], "unknown option --color-nosie (did you mean --color-noise?)"),
     (["--mini"], "option --mini requires a value"),
     (["data.cfg"], "unexpected argument 'data.cfg': options are written --name value"),
     (["-f", "x"], "unexpected argument '-f': options are written --name value"),
