@@ -269,7 +269,8 @@ class PassSchedule:
         `mats` holds this rank's shard of the minibatch: with W ranks, rank k holds rows
         [k·⌈cases/W⌉, (k+1)·⌈cases/W⌉) of its `cases` rows (providers/batches.shard_indices);
         one process holds them all. Returns this rank's cost sums {cost layer: values}, children
-        not folded, on the device; summed over ranks they are the minibatch's (`total_costs`).
+        not folded, on the device; `folded_costs` of them, summed over ranks, are the
+        minibatch's.
         """
         cases = mats[0].shape[0] if cases is None else cases
         if cases not in self._programs:
@@ -304,15 +305,6 @@ class PassSchedule:
                  torch.zeros(n, device=self.device)
                  for c, n in zip(costs, self._cost_lengths)}
         return self.model.fold_children(whole)
-
-    def total_costs(self, sums):
-        """The whole net's cost sums (over all ranks), children folded."""
-        costs = self.folded_costs(sums)
-        if self.distributed:
-            flat = torch.cat(list(costs.values()))
-            dist.all_reduce(flat)
-            costs = dict(zip(costs, flat.split([len(v) for v in costs.values()])))
-        return costs
 
     def _begin_minibatch(self, mats, program):
         self.device = mats[0].device

@@ -65,6 +65,16 @@ def minibatches(count, cases, seed=1):
             for _ in range(count)]
 
 
+def total_costs(schedule, sums):
+    """The whole net's cost sums of a minibatch: this rank's folded sums, summed over ranks."""
+    costs = schedule.folded_costs(sums)
+    if schedule.distributed:
+        flat = torch.cat(list(costs.values()))
+        torch.distributed.all_reduce(flat)
+        costs = dict(zip(costs, flat.split([len(v) for v in costs.values()])))
+    return costs
+
+
 def weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -149,7 +159,7 @@ def test_hybrid_single_process_equals_the_step_by_step_reference(net, update_per
     ref_opt = optimizer_for(ref, passes, wide)
     batches = minibatches(2, cases)
     torch.manual_seed(5)         # the dropout masks: drawn in the same order by both
-    got = [schedule.total_costs(schedule.train_minibatch(mats, ours_opt)) for mats in batches]
+    got = [total_costs(schedule, schedule.train_minibatch(mats, ours_opt)) for mats in batches]
     torch.manual_seed(5)
     expected = [reference_minibatch(ref, ref_opt, mats, passes, boundary) for mats in batches]
     for g, e in zip(got, expected):
@@ -191,7 +201,7 @@ def test_one_pass_nets_equal_the_plain_forward_exactly(net, layer_def):
     ours_opt, ref_opt = optimizer_for(ours, 1, None), optimizer_for(ref, 1, None)
     batches = minibatches(3, 16)
     torch.manual_seed(7)
-    got = [schedule.total_costs(schedule.train_minibatch(m, ours_opt)) for m in batches]
+    got = [total_costs(schedule, schedule.train_minibatch(m, ours_opt)) for m in batches]
     torch.manual_seed(7)
     expected = []
     for mats in batches:
@@ -230,7 +240,7 @@ def train_compiled(net, compile_layers, graph_break, monkeypatch):
     schedule = PassSchedule(model, plan, compile_layers=compile_layers)
     assert len(schedule.calls) == 2
     optimizer = optimizer_for(model, plan.num_passes, plan.active_pass_period)
-    costs = [schedule.total_costs(schedule.train_minibatch(mats, optimizer))
+    costs = [total_costs(schedule, schedule.train_minibatch(mats, optimizer))
              for mats in minibatches(1, 3)]
     return costs, weights(model)
 
@@ -322,7 +332,7 @@ def train_net(job, world_size=1, rank=0):
     part = -(-cases // world_size)         # rank k's shard: rows [k·part, (k+1)·part)
     costs, layouts = [], []
     for mats in minibatches(count, cases):
-        costs.append(schedule.total_costs(schedule.train_minibatch(
+        costs.append(total_costs(schedule, schedule.train_minibatch(
             [m[rank * part:(rank + 1) * part] for m in mats], optimizer, autocast, cases)))
         layouts.append(len(schedule._layouts))
     remote = [k for k in initial if not schedule.local[k.split(".")[1]]]
