@@ -554,6 +554,17 @@ class RankProgram:
             return all((rank, root) in done for root in roots[rank]
                        if leaf in reads[rank][root])
 
+        def reached(rank, root):
+            """The leaves the gradient of `root` flows to, through the rank's own cut layers."""
+            found, todo = set(), [root]
+            while todo:
+                for leaf in reads[rank][todo.pop()] - found:
+                    found.add(leaf)
+                    if leaf[1] is None and leaf[0] in reads[rank]:
+                        todo.append(leaf[0])
+            return found
+        reaches = {rank: {root: reached(rank, root) for root in roots[rank]} for rank in roots}
+
         while returns or any((rank, root) not in done for rank in roots
                              for root in roots[rank]):
             now = [t for t in returns if complete(t.dst, (t.layer, t.replica))]
@@ -564,6 +575,18 @@ class RankProgram:
                      for rank in roots}
             if not now and not any(ready.values()):
                 raise RuntimeError(f"internal error: the backward of pass {pass_idx} is stuck")
+            # A rank that still owes another rank gradients runs only the roots they come
+            # from, and the rest once it owes nothing (or nothing else can run anywhere). In
+            # the hybrid net, the fc layers' gradient for the other rank's convs would
+            # otherwise wait for this rank's conv backward, and the two conv backwards would
+            # take turns instead of running side by side.
+            owing = {rank: [(t.layer, t.replica) for t in returns if t.dst == rank]
+                     for rank in roots}
+            first = {rank: [root for root in ready[rank]
+                            if reaches[rank][root].intersection(owing[rank])] if owing[rank]
+                     else ready[rank] for rank in roots}
+            if now or any(first.values()):
+                ready = first
             done.update((rank, root) for rank in ready for root in ready[rank])
             mine = Round(tuple(t for t in now if self.rank in (t.src, t.dst)),
                          tuple(ready[self.rank]))

@@ -350,6 +350,21 @@ def test_the_two_towers_run_side_by_side():
     assert roots_after(one, ["pool2a", "pool2b"]) == [("pool2b",)]
 
 
+@pytest.mark.parametrize("name, world_size", [("imagenet-2gpu-hybrid", 2),
+                                              ("imagenet-4gpu-data-model", 4)])
+def test_the_hybrids_conv_backwards_run_side_by_side(name, world_size):
+    """Last pass of a hybrid net: a rank sends the fc gradient that another rank's convs wait
+    for before it runs its own conv backward (the pool3_neuron root), so the conv backwards
+    run side by side instead of each waiting for the previous rank's."""
+    plan, ranks = programs(name, world_size, IMAGENET)
+    for program in ranks:
+        rounds = program.backward[plan.num_passes - 1]
+        conv = [i for i, r in enumerate(rounds) if "pool3_neuron" in r.roots]
+        exchanged = [i for i, r in enumerate(rounds)
+                     if any(t.layer == "pool3_neuron" for t in r.returns)]
+        assert len(conv) == 1 and exchanged and max(exchanged) == conv[0]
+
+
 def exchanges(program, peer):
     """What `program` moves to or from rank `peer`, step by step: (pass, forward?, transfers)."""
     steps = []
