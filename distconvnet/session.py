@@ -309,10 +309,10 @@ class Session:
         for provider in (self.train_data, self.test_data):
             if hasattr(provider, "close"):
                 provider.close()    # the image provider's threads and DALI buffers
-        # DDP's reducer and the pass schedule hold process groups. A group still referenced
-        # after destroy_process_group is freed during interpreter shutdown, where gloo's
-        # worker threads can abort the process ("terminate called without an active
-        # exception", seen once in CI); free them while the interpreter is whole.
+        # DDP's reducer and the pass schedule hold process groups: dropped here, the groups
+        # end inside destroy_process_group, not whenever the last reference goes (possibly at
+        # interpreter shutdown, where gloo's threads can abort the process; CI once saw a rank
+        # die at exit with "terminate called without an active exception").
         self.forward = self.pass_schedule = None
         gc.collect()
         self.sync.close()
