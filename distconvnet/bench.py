@@ -5,14 +5,18 @@ side in one run on one card, one line per comparison:
 
 (a) imagenet-1gpu train step on synthetic input: ours vs a plain eager fp32 PyTorch script of the
     same net, and vs the same script with bf16 + channels_last + torch.compile;
-(b) JPEG batches to updates (with --jpeg-dir, batches made by data/make_batches.py): our DALI
-    provider + step vs the plain script fed by a PIL DataLoader on all cores; and the provider
-    alone vs the bare DALI decode+crop+normalise pipeline (the ceiling);
+(b) JPEG batches to updates (with --jpeg-dir, batches made by data/make_batches.py): the provider
+    alone vs the bare DALI decode+crop+normalise pipeline (the ceiling); per --mini (128 and
+    512), the trainer's loop on the JPEG batches against the slower of its two parts, the step
+    alone on the same --mini and the provider alone, with the share of the time spent waiting
+    for data and the share of the GPU's time idle; and ours vs the plain script fed by a PIL
+    DataLoader on all cores;
 (c) cifar10-11pct: ours vs the plain eager script;
 (d) the peak GPU memory of each run, printed in its line.
 """
 
 import argparse
+import math
 import os
 import platform
 import time
@@ -28,7 +32,7 @@ from . import fastpath
 from .layers import BuildContext, conv
 from .model import ConvNet
 from .optim import Ccn2SGD
-from .train import train_on_batch
+from .train import settle_heap, train_on_batch
 
 LAYERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "layers")
 
@@ -106,10 +110,15 @@ def our_session(layer_def, layer_params, dims, classes, device, mini, precision,
     """The pieces of a training Session that a step touches, built the way Session builds them."""
     model = ConvNet(layer_def, layer_params, BuildContext(dims.__getitem__, classes))
     model = fastpath.place(model, device)
+    fused = compile_model and device.type == "cuda"
+    optimizer = Ccn2SGD(model.weight_layers(), mini, fused=fused)
+    forward, autocast = fastpath.forward_fn(model, compile_model), \
+        fastpath.autocast(device, precision)
     return types.SimpleNamespace(
-        model=model, optimizer=Ccn2SGD(model.weight_layers(), mini),
-        forward=fastpath.forward_fn(model, compile_model),
-        autocast=fastpath.autocast(device, precision), pass_schedule=None,
+        model=model, optimizer=optimizer, forward=forward, autocast=autocast,
+        train_step=fastpath.train_step(forward, optimizer, autocast,
+                                       graphs=fused and optimizer.updates_every_step()),
+        pass_schedule=None,
         minibatches=lambda batch: ([m[i:i + mini] for m in batch.mats]
                                    for i in range(0, batch.mats[0].shape[0], mini)))
 
@@ -185,6 +194,48 @@ def bench_net(name, layer_def, layer_params, plain_cls, size, classes, args, dev
 
 # -- (b) JPEG batches -----------------------------------------------------------------------------
 
+def host_read(sums):
+    """The costs of a data batch read on the host, as the trainer reads them to print a line."""
+    return torch.cat([v.detach().double().flatten() for v in sums.values()]).tolist()
+
+
+def trainer_rate(ours, next_batch, batches):
+    """(img/s, share of the time spent waiting for data) of the training loop's work per data
+    batch: take a batch, train on it, read its costs on the host."""
+    waiting, cases = 0.0, 0
+    start = time.perf_counter()
+    for _ in range(batches):
+        asked = time.perf_counter()
+        batch = next_batch()
+        waiting += time.perf_counter() - asked
+        sums, count = train_on_batch(ours, batch)
+        host_read(sums)
+        cases += count
+    total = time.perf_counter() - start
+    return cases / total, waiting / total
+
+
+def gpu_idle_share(run):
+    """The share of the time between the first kernel and the last one of `run()` in which no
+    kernel or copy of this process (the step's, DALI's) runs on the GPU, from a profile."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.autograd import DeviceType
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    if not spans:
+        return math.nan
+    busy, (lo, hi) = 0.0, spans[0]
+    first = lo
+    for a, b in spans[1:]:
+        if a > hi:
+            busy, lo = busy + hi - lo, a
+        hi = max(hi, b)
+    busy += hi - lo
+    return 1.0 - busy / (hi - first)
+
+
 def bench_jpeg(args, device):
     from nvidia.dali import fn, pipeline_def, types as dtypes
     from .providers import ProviderOptions, make_provider
@@ -196,46 +247,73 @@ def bench_jpeg(args, device):
     jpegs = [np.frombuffer(safepickle.as_bytes(j), np.uint8)
              for n in numbers for j in read_batch(args.jpeg_dir, n)["data"]]
     total = len(jpegs)
-    out = []
+    per_batch = total // len(numbers)
 
-    opts = ProviderOptions(inner_size=224, color_noise=0.1, seed=1, device=device,
-                           minibatch=args.batch)
-    provider = make_provider("image", args.jpeg_dir, numbers, options=opts)
+    def image_provider(mini):
+        options = ProviderOptions(inner_size=224, color_noise=0.1, seed=1, device=device,
+                                  minibatch=mini)
+        return make_provider("image", args.jpeg_dir, numbers, options=options)
+
+    provider = image_provider(args.minis[0])
     provider_run = lambda: [provider.get_next_batch() for _ in numbers]  # noqa: E731
     provider_rate = measure(provider_run, total, device, 1, args.repeats)
+    provider.close()
 
-    @pipeline_def(batch_size=args.batch, num_threads=args.threads, device_id=device.index or 0,
-                  prefetch_queue_depth=2)
+    on_cuda = device.type == "cuda"
+
+    @pipeline_def(batch_size=256, num_threads=args.threads,
+                  device_id=(device.index or 0) if on_cuda else None, prefetch_queue_depth=2)
     def bare():
-        data = fn.external_source(source=_cycle(jpegs, args.batch), dtype=dtypes.UINT8)
-        images = fn.decoders.image(data, device="mixed", output_type=dtypes.RGB)
+        data = fn.external_source(source=_cycle(jpegs, 256), dtype=dtypes.UINT8)
+        images = fn.decoders.image(data, device="mixed" if on_cuda else "cpu",
+                                   output_type=dtypes.RGB)
         return fn.crop_mirror_normalize(images, crop=(224, 224),
                                         crop_pos_x=fn.random.uniform(range=[0, 1]),
                                         crop_pos_y=fn.random.uniform(range=[0, 1]),
                                         mirror=fn.random.coin_flip(), dtype=dtypes.FLOAT,
                                         mean=[124.0, 117.0, 104.0], std=[1.0, 1.0, 1.0])
-    pipe = bare()
-    pipe.build()
-    iters = max(1, total // args.batch)
-    ceiling = measure(lambda: [pipe.run() for _ in range(iters)], iters * args.batch, device, 1,
-                      args.repeats)
+    ceiling = _bare_rate(bare(), total, device, args.repeats)
     print(line("image provider alone vs bare DALI decode+crop (the ceiling)",
                provider_rate, ceiling, "bare DALI"), flush=True)
 
-    ours = our_session(os.path.join(LAYERS, "layers-imagenet-1gpu.cfg"),
-                       os.path.join(LAYERS, "layer-params-imagenet-1gpu.cfg"),
-                       {0: 3 * 224 * 224, 1: 1, 2: 1000}, 1000, device, 128, args.precision,
-                       fastpath.resolve_compile(args.compile, device))
+    def jpeg_to_update(mini):
+        """(line, JPEG-to-update img/s) of the trainer's loop at --mini `mini`."""
+        ours = our_session(os.path.join(LAYERS, "layers-imagenet-1gpu.cfg"),
+                           os.path.join(LAYERS, "layer-params-imagenet-1gpu.cfg"),
+                           {0: 3 * 224 * 224, 1: 1, 2: 1000}, 1000, device, mini,
+                           args.precision, fastpath.resolve_compile(args.compile, device))
+        images, labels = synthetic(per_batch, 224, 1000, device)
+        synthetic_batch = types.SimpleNamespace(
+            mats=[images, labels.float(), F.one_hot(labels, 1000).float()])
+        batches = max(args.repeats, 2) * len(numbers)
+        trainer_rate(ours, lambda: synthetic_batch, 2)                  # compile, autotune
+        settle_heap()                                                    # as the trainer does
+        step_rate, _ = trainer_rate(ours, lambda: synthetic_batch, batches)
+        provider = image_provider(mini)
+        trainer_rate(ours, provider.get_next_batch, len(numbers))       # the decoder's start
+        rate, wait = trainer_rate(ours, provider.get_next_batch, batches)
+        idle = gpu_idle_share(lambda: trainer_rate(ours, provider.get_next_batch, len(numbers))) \
+            if device.type == "cuda" else math.nan
+        provider.close()
+        idle = "n/a" if math.isnan(idle) else f"{idle:.0%}"
+        slower = min(step_rate, provider_rate[0])
+        return (f"JPEG batches to updates, imagenet-1gpu --mini {mini}: ours {rate:,.0f} img/s "
+                f"(data wait {wait:.0%}, GPU idle {idle}), step alone {step_rate:,.0f} img/s, "
+                f"provider alone {provider_rate[0]:,.0f} img/s: {rate / slower:.2f} of the "
+                f"slower part"), rate
 
-    def ours_run():
-        for _ in numbers:
-            train_on_batch(ours, provider.get_next_batch())
-    ours_e2e = measure(ours_run, total, device, 1, args.repeats)
-    out.append(line("JPEG batches to updates, imagenet-1gpu: ours (DALI) vs bare DALI ceiling",
-                    ours_e2e, ceiling, "ceiling"))
-    out.append(line("JPEG batches to updates, imagenet-1gpu: ours (DALI) vs plain script + PIL "
-                    "DataLoader", ours_e2e, _pil_script(jpegs, meta, args, device), "PIL script"))
-    return out
+    for mini in args.minis:
+        text, e2e_rate = jpeg_to_update(mini)
+        print(text, flush=True)
+    return [line(f"JPEG batches to updates, imagenet-1gpu --mini {args.minis[-1]}: ours (DALI) "
+                 f"vs plain script + PIL DataLoader", (e2e_rate, 0.0),
+                 _pil_script(jpegs, meta, args, device), "PIL script")]
+
+
+def _bare_rate(pipe, total, device, repeats):
+    pipe.build()
+    iters = max(1, total // 256)
+    return measure(lambda: [pipe.run() for _ in range(iters)], iters * 256, device, 1, repeats)
 
 
 def _cycle(jpegs, batch):
@@ -308,8 +386,12 @@ def main(argv=None):
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--compile", default="auto", choices=["auto", "0", "1"])
     parser.add_argument("--threads", type=int, default=8, help="DALI threads")
+    parser.add_argument("--minis", default="128,512",
+                        help="(b): the --mini values of the JPEG-to-update runs")
     args = parser.parse_args(argv)
+    args.minis = [int(m) for m in args.minis.split(",")]
     device = torch.device(args.device)
+    fastpath.use_own_stream(device)
     args.precision = fastpath.resolve_precision(args.precision, device)
     args.batch = args.batch or (512 if device.type == "cuda" and not args.quick else 8)
     args.steps, args.warmup, args.repeats = (1, 1, 2) if args.quick else (10, 2, 5)

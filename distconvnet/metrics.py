@@ -13,8 +13,9 @@ continues it. Each line is one object:
 
 `costs` and `averages` are the values the console prints (spec §9.2: the "Test output" and
 "Averages" sections for a test event); `step` counts training batches from the start of
-training, the x axis of every curve; `seconds` is the training (or testing) time of the batch
-without the wait for its data, which is `data_wait`; `rates` are the learning rates epsW/epsB
+training, the x axis of every curve; `seconds` is the wall time of a training batch (as the
+console prints it), of which `data_wait` was spent waiting for its data, or the time of a test
+event; `rates` are the learning rates epsW/epsB
 in force; `time` is Unix time. A NaN or infinite cost is written as null (strict JSON).
 """
 

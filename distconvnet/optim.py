@@ -26,6 +26,11 @@ and ignores the receiver's momW and wc (spec §4.5). Its gradient sums both uses
 
 Speed: a step groups the due matrices by equal (μ, ε/Nnom, λ·ε) and updates each bucket with
 torch._foreach_* ops, a few kernel launches per bucket, and never reads a value back to the host.
+With `fused` (CUDA and torch.compile), a step in which every learned matrix is due and has a
+gradient runs one compiled kernel per matrix instead, which reads W, inc and the gradient once
+and writes W and inc once: the foreach ops' eleven passes over the weights took a fifth of an
+imagenet-1gpu step at --mini 128 (BENCHMARKS.md, 2026-12-04). Its (μ, −ε/Nnom, −λ·ε) live in a
+device tensor rewritten when the schedules move, so a new rate costs no recompilation.
 """
 
 import math
@@ -73,7 +78,8 @@ class Ccn2SGD(torch.optim.Optimizer):
     update_period (effective) and nominal_cases (Nnom).
     """
 
-    def __init__(self, weight_layers, minibatch, num_passes=1, active_pass_period=None):
+    def __init__(self, weight_layers, minibatch, num_passes=1, active_pass_period=None,
+                 fused=False):
         if minibatch < 1 or num_passes < 1:
             raise OptionError(f"minibatch size ({minibatch}) and passes per minibatch "
                               f"({num_passes}) must be at least 1")
@@ -86,6 +92,8 @@ class Ccn2SGD(torch.optim.Optimizer):
             p = group["params"][0]
             self.state[p] = {"inc": torch.zeros_like(p, memory_format=torch.preserve_format),
                              "pending": 0}
+        self._fused = _FusedUpdate() if fused else None
+        self.last_step_fused = False
         self.set_progress(0.0)
 
     # -- building groups from the layers' hyper-parameters -----------------------------------
@@ -140,6 +148,8 @@ class Ccn2SGD(torch.optim.Optimizer):
         self.progress = progress
         for group in self.param_groups:
             group["lr"] = float(_schedule_from_dict(group["schedule"])(progress))
+        if self._fused is not None:
+            self._fused.rates_changed()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -155,12 +165,25 @@ class Ccn2SGD(torch.optim.Optimizer):
             if state["pending"] >= group["update_period"]:
                 state["pending"] = 0
                 due.append(group)
-        self._apply(due)
+        self.last_step_fused = self._fused is not None and self._fused.apply(
+            due, self.param_groups, self.state)
+        if not self.last_step_fused:
+            self._apply(due)
         for group in due:
             if group["base_lr"] > 0:
                 self._constrain(group)
             group["params"][0].grad = None
         return loss
+
+    def updates_every_step(self):
+        """Whether every matrix is updated at every step() (no update period above 1)."""
+        return all(group["update_period"] <= 1 for group in self.param_groups)
+
+    def refresh_rates(self):
+        """Bring the fused update's device copy of the rates up to date (a recorded CUDA graph
+        reads them there; step() does this itself)."""
+        if self._fused is not None:
+            self._fused.refresh(self.param_groups)
 
     def _apply(self, due):
         # A matrix whose base rate is 0 is not learned at all, not even decayed (spec §5.1;
@@ -240,6 +263,8 @@ class Ccn2SGD(torch.optim.Optimizer):
         for old, new in zip(self.param_groups, groups):
             old.update(new)
         self._layers = layers
+        if self._fused is not None:
+            self._fused = _FusedUpdate()        # which matrices are learned may have changed
         self.set_progress(self.progress)
 
     def load_state_dict(self, state_dict):
@@ -287,6 +312,61 @@ class Ccn2SGD(torch.optim.Optimizer):
         lr = {id(g["params"][0]): g["lr"] for g in self.param_groups}
         return {name: {"epsW": [lr[w] for w in weights], "epsB": lr[b]}
                 for name, weights, b in self._layers}
+
+
+def _update_in_place(params, incs, grads, coefficients):
+    """inc = μ·inc + s·g + d·W, then W += inc, for each matrix; coefficients[k] = (μ, s, d)."""
+    for param, inc, grad, row in zip(params, incs, grads, coefficients.unbind()):
+        momentum, grad_scale, decay = row.unbind()
+        inc.mul_(momentum).add_(grad * grad_scale).add_(param * decay)
+        param.add_(inc)
+
+
+class _FusedUpdate:
+    """The compiled form of Ccn2SGD._apply for the step in which every learned matrix is due.
+    Its rates live in one device tensor, rewritten in place when the schedules move."""
+
+    def __init__(self):
+        self._update = torch.compile(_update_in_place, dynamic=False)
+        self._coefficients = None        # (learned matrices, 3) on their device
+        self._host = None                # pinned (μ, −ε/Nnom, −λ·ε) of the learned matrices
+        self._stale = True
+
+    def rates_changed(self):
+        self._stale = True
+
+    @staticmethod
+    def _learned(groups):
+        return [g for g in groups if g["base_lr"] > 0]
+
+    def refresh(self, groups):
+        learned = self._learned(groups)
+        if not self._stale or not learned:
+            return
+        param = learned[0]["params"][0]
+        values = torch.tensor([[g["momentum"], -g["lr"] / g["nominal_cases"],
+                                -g["lr"] * g["wc"]] for g in learned], dtype=param.dtype)
+        if self._coefficients is None:
+            self._coefficients = values.to(param.device)
+        else:
+            # Pinned, so the copy queues behind the running work instead of waiting for it.
+            self._host = values.pin_memory() if param.is_cuda else values
+            self._coefficients.copy_(self._host, non_blocking=True)
+        self._stale = False
+
+    def apply(self, due, groups, state):
+        """Update the matrices of `due` if the fused form covers the step; False if not."""
+        learned = self._learned(groups)
+        if len(due) != len(groups) or not learned or any(
+                g["params"][0].grad is None for g in learned):
+            return False
+        params = [g["params"][0] for g in learned]
+        if any((p.device, p.dtype) != (params[0].device, params[0].dtype) for p in params):
+            return False
+        self.refresh(groups)
+        self._update(params, [state[p]["inc"] for p in params], [p.grad for p in params],
+                     self._coefficients)
+        return True
 
 
 def weight_stats(weight_layers, optimizer):

@@ -72,6 +72,7 @@ class Session:
         self.console = report.Console(is_master=self.launch.is_master, stream=stream,
                                       world_size=self.launch.world_size)
         self.device = self._pick_device()
+        fastpath.use_own_stream(self.device)
         # The ranks' gradient and cost sync; the identity for one process (parallel/).
         self.sync = data_parallel.make_sync(self.launch, self.opts.dist_backend, self.device)
         self.is_master = self.sync.is_master
@@ -84,9 +85,16 @@ class Session:
         self._build_model()
         self.optimizer = Ccn2SGD(self.model.weight_layers(), self.opts.minibatch_size,
                                  num_passes=self.parallel_plan.num_passes,
-                                 active_pass_period=self.parallel_plan.active_pass_period)
+                                 active_pass_period=self.parallel_plan.active_pass_period,
+                                 fused=self.pass_schedule is None and fastpath.fused_update(
+                                     self.opts.compile, self.device))
         if self.pass_schedule is not None:
             self.pass_schedule.freeze_remote_layers(self.optimizer)
+        self.train_step = fastpath.train_step(
+            self.forward, self.optimizer, self.autocast,
+            graphs=self.pass_schedule is None and self.sync.world_size == 1
+            and fastpath.fused_update(self.opts.compile, self.device)
+            and self.optimizer.updates_every_step())
         self.sync.attach(self.optimizer)
         self.eval_minibatch = max(self.opts.minibatch_size, 256)
         self._restore()

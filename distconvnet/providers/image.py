@@ -1,15 +1,15 @@
 """ImageDataProvider: cuda-convnet2's `image` provider (spec §10.2, §10.3) on NVIDIA DALI.
 
-JPEG bytes from the batch files enter one DALI graph (`image_graph`) through external_source;
-it decodes them ("mixed" on CUDA: nvJPEG plus the hardware decoder; "cpu" otherwise) and cuts
-each view with crop_mirror_normalize. The outputs reach torch through DLPack on the provider's
-device, where the centre crop of the mean image is subtracted: no image makes a host round trip.
-While the trainer works on batch k, a decoder thread runs DALI on batch k + 1 in runs of
-`dali_batch` images, `runs_ahead` of them in flight so that DALI's host stage (parsing, Huffman
-decoding), the hardware decoder and its GPU kernels overlap; meanwhile a reader thread unpickles
-and plans batch k + 2. (Reading in a child process instead, with the JPEGs handed over in shared
-memory to keep that Python off this process's GIL, was measured slower on an H100: 19.5k vs
-22.0k images/s, BENCHMARKS.md.)
+Reader processes (image_reader.py) unpickle and plan each data batch and lays its JPEGs out in
+shared memory, one padded matrix per DALI run (image_plan.JpegRuns). One DALI graph
+(`image_graph`) cuts each row back to its JPEG, decodes it ("mixed" on CUDA: nvJPEG plus the
+hardware decoder; "cpu" otherwise) and cuts each view with crop_mirror_normalize. The outputs
+reach torch through DLPack on the provider's device, where the centre crop of the mean image is
+subtracted: no image makes a host round trip. While the trainer works on batch k, a decoder
+thread runs DALI on batch k + 1 in runs of `dali_batch` images, `runs_ahead` of them in flight
+so that DALI's host stage (parsing, Huffman decoding), the hardware decoder and its GPU kernels
+overlap; meanwhile the reader processes prepare batch k + 2. The training process does a few
+Python calls per run, not per image: its GIL stays free for the trainer's kernel launches.
 What each case shows (crops, flips, noise, labels, bad-image replacement) is decided on the host
 from (seed, epoch, batchnum) by image_plan.py, where the draws are documented.
 """
@@ -18,7 +18,6 @@ import contextlib
 import copy
 import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor, wait
 from io import BytesIO
 
@@ -28,11 +27,11 @@ import torch
 from ..errors import DataError, OptionError
 from .batches import (META_NAME, BatchCursor, DataBatch, ProviderOptions, list_batches,
                       load_meta, read_batch, require_batches)
-from .image_plan import NUM_COLORS, NUM_VIEWS, CasePlanner, jpeg_size, locate
+from .image_plan import NUM_COLORS, NUM_VIEWS, CasePlanner, JpegRuns, jpeg_size
+from .image_reader import ImageReader, ReadBatch
 
 __all__ = ["ImageDataProvider", "image_graph", "jpeg_size"]
 HW_DECODER_LOAD = 0.65    # share of JPEGs for the hardware decoder; nvJPEG's CUDA path: the rest
-SWITCH_INTERVAL = 2e-4    # seconds; see ImageDataProvider.__init__
 
 
 def _dali():
@@ -46,9 +45,14 @@ def _dali():
 def image_graph(num_views, inner, scale, decoder_device):
     """The one DALI graph of train, test and multiview: per view v, the inner² crop at the
     normalised origin (crop_x<v>, crop_y<v>), mirrored where mirror<v>, as float CHW
-    scale * (pixel - channel_offset). The provider feeds every input per sample."""
+    scale * (pixel - channel_offset). The provider feeds each input as one array per run: the
+    JPEGs as a padded matrix (a row per case) with each row's length."""
     fn, _, types = _dali()
-    jpegs = fn.external_source(name="jpegs", dtype=types.UINT8)
+    # no_copy: DALI reads the rows where the reader process wrote them; the provider keeps
+    # that memory unchanged until the run's outputs are out.
+    padded = fn.external_source(name="jpegs", dtype=types.UINT8, no_copy=True)
+    lengths = fn.external_source(name="lengths", dtype=types.INT32)
+    jpegs = fn.slice(padded, 0, lengths, axes=[0])
     channel_offset = fn.external_source(name="channel_offset", dtype=types.FLOAT)
     extra = {"hw_decoder_load": HW_DECODER_LOAD} if decoder_device == "mixed" else {}
     # No EXIF rotation: ccn2's libjpeg decode ignored it, and the header's W x H must hold.
@@ -72,6 +76,7 @@ class ImageDataProvider:
     dali_batch = 256      # images per DALI run; a data batch takes several runs
     runs_ahead = 3        # DALI runs in flight while the decoder thread copies one out
     dali_threads = 8
+    reader_processes = 2  # read and plan batches k + 1 and k + 2 side by side
 
     def __init__(self, data_path, batch_range=None, *, init_epoch=1, init_batchnum=None,
                  test=False, options=ProviderOptions(), rank=0, world_size=1):
@@ -96,15 +101,14 @@ class ImageDataProvider:
         self._pipe, self._depth = None, 0    # used by the decoder thread only
         self._ahead = None               # (key, future of _decode) of the next batch
         self._reads = {}                 # {key: future of _read} of the batch after that one
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-reader")
+        self._image_reader = ImageReader(self.planner, data_path, self.reader_processes)
+        # The reader threads only wait on the reader processes; the decoder thread drives DALI.
+        self._reader_threads = ThreadPoolExecutor(max_workers=self.reader_processes,
+                                                  thread_name_prefix="image-reader")
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-decoder")
         self._copy_stream = None
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.device)
-            # The decoder thread makes many short GIL-releasing calls into DALI and torch; at
-            # Python's default 5 ms switch interval each one can wait behind the reader's and
-            # the trainer's bytecode (measured on an H200: 24k -> 29k img/s at 0.2 ms).
-            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
 
     # -- the provider contract ----------------------------------------------------------------
 
@@ -125,7 +129,8 @@ class ImageDataProvider:
         following = copy.copy(self._cursor)
         following.advance()
         if following.position not in self._reads:
-            self._reads[following.position] = self._reader.submit(self._read, following.position)
+            self._reads[following.position] = self._reader_threads.submit(self._read,
+                                                                          following.position)
         return DataBatch(key[0], key[1], self._to_mats(*decoding.result()), self.num_views)
 
     def get_data_dims(self, idx=0):
@@ -154,20 +159,28 @@ class ImageDataProvider:
         return lines
 
     def close(self):
-        """Stop the threads and free DALI's buffers (a prefetched batch holds device memory)."""
+        """Stop the threads and the reader processes, and free DALI's buffers (a prefetched batch
+        holds device memory)."""
         self._discard_prefetch()
-        self._reader.shutdown(wait=True, cancel_futures=True)
+        self._reader_threads.shutdown(wait=True, cancel_futures=True)
         self._decoder.shutdown(wait=True, cancel_futures=True)
         self._pipe = None
+        self._image_reader.close()
 
     def _discard_prefetch(self):
-        for reading in self._reads.values():
-            reading.cancel()
+        """Drop the batches read or decoding ahead; their slots go back to the reader."""
+        readings = list(self._reads.values())
         self._reads = {}
         if self._ahead is not None:
             self._ahead[1].cancel()
             wait([self._ahead[1]])      # the decoder thread must be done with the pipeline
+            readings.append(self._ahead[1].reading)
             self._ahead = None
+        for reading in readings:
+            if not reading.cancel():
+                wait([reading])
+                if reading.exception() is None:
+                    reading.result().release()
 
     # -- metadata -----------------------------------------------------------------------------
 
@@ -219,61 +232,80 @@ class ImageDataProvider:
     # -- reading, planning, decoding ----------------------------------------------------------
 
     def _submit(self, key):
-        reading = self._reads.pop(key, None) or self._reader.submit(self._read, key)
-        return self._decoder.submit(self._decode, reading)
+        reading = self._reads.pop(key, None) or self._reader_threads.submit(self._read, key)
+        decoding = self._decoder.submit(self._decode, reading)
+        decoding.reading = reading
+        return decoding
 
     def _read(self, key):
-        """Unpickle and plan batch `key` (reader thread). A data error is raised when the
-        trainer asks for that batch."""
-        host = self.planner.read(self.data_path, *key)
-        self._num_cases[key[1]] = len(host.jpegs)
-        return host, self.planner.plan(host)
+        """Batch `key` read and planned by the reader process (reader thread). A data error is
+        raised when the trainer asks for that batch."""
+        batch = self._image_reader.read(key, self.dali_batch)
+        self._num_cases[key[1]] = batch.num_images
+        return batch
 
     def _decode(self, reading):
         """Batch images (views x cases, 3, inner, inner) on the provider's device (decoder
         thread). When DALI fails on a batch, the images PIL cannot decode either are marked bad
-        and the batch is planned and decoded again (or a DataError says which image it was)."""
-        host, plan = reading.result()
-        while True:
-            try:
-                return host, plan, self._run_dali(plan)
-            except RuntimeError as e:
-                self._mark_undecodable(host, plan, e)
-                plan = self.planner.plan(host)
+        and the batch is read, planned and decoded again here (or a DataError says which image
+        it was)."""
+        batch = reading.result()
+        try:
+            while True:
+                try:
+                    return batch, self._run_dali(batch.plan, batch.jpegs)
+                except RuntimeError as e:
+                    batch.release()
+                    batch = self._read_decodable(batch.key, e)
+        finally:
+            batch.release()
 
-    def _run_dali(self, plan):
+    def _read_decodable(self, key, error):
+        """Batch `key` read in this process, planned without the images PIL cannot decode."""
+        host = self.planner.read(self.data_path, *key)
+        self._mark_undecodable(host, self.planner.plan(host).sources, error)
+        plan = self.planner.plan(host)
+        return ReadBatch(key, str(host.path), len(host.jpegs), plan,
+                         JpegRuns.pack(host.jpegs, plan.sources, self.dali_batch),
+                         self.planner.replacement_warnings(host, plan))
+
+    def _run_dali(self, plan, jpegs):
         count, inner = len(plan.sources), self.inner_size
         stream = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None \
             else contextlib.nullcontext()
         with stream:
             images = torch.empty((count * self.num_views, NUM_COLORS, inner, inner),
                                  dtype=torch.float32, device=self.device)
-            runs = [(start, min(start + self.dali_batch, count))
-                    for start in range(0, count, self.dali_batch)]
+            bounds = np.cumsum([0] + [rows for _, rows, _ in jpegs.runs]).tolist()
+            runs = list(zip(bounds[:-1], bounds[1:]))       # the cases of each DALI run
             try:
                 if runs and self._pipe is None:
                     self._pipe = self._build_pipeline(depth=min(self.runs_ahead, len(runs)))
                     # A new pipeline's first schedule_run starts `depth` runs at once.
-                    self._feed(plan, runs[:self._depth])
+                    for k in range(self._depth):
+                        self._feed(plan, jpegs, k, runs[k])
                     self._pipe.schedule_run()
                 else:
-                    for run in runs[:self._depth]:
-                        self._feed(plan, [run])
+                    for k in range(min(self._depth, len(runs))):
+                        self._feed(plan, jpegs, k, runs[k])
                         self._pipe.schedule_run()
                 for k, (start, stop) in enumerate(runs):
                     self._copy_out(images, count, start, stop)
                     if k + self._depth < len(runs):
-                        self._feed(plan, [runs[k + self._depth]])
+                        self._feed(plan, jpegs, k + self._depth, runs[k + self._depth])
                         self._pipe.schedule_run()
             except BaseException:
                 self._pipe = None        # a pipeline with runs in flight or failed is dropped
                 raise
         return images
 
-    def _feed(self, plan, runs):
+    def _feed(self, plan, jpegs, run, cases):
+        """One array per input for DALI run `run`, which shows cases[0]..cases[1] - 1."""
+        start, stop = cases
+        self._pipe.feed_input("jpegs", jpegs.matrix(run))
+        self._pipe.feed_input("lengths", jpegs.lengths[start:stop, None])
         for name, values in plan.feeds.items():
-            for start, stop in runs:
-                self._pipe.feed_input(name, values[start:stop])
+            self._pipe.feed_input(name, values[start:stop])
 
     def _copy_out(self, images, count, start, stop):
         """Rows start..stop of every view, minus the scaled centre crop of the mean image."""
@@ -309,12 +341,12 @@ class ImageDataProvider:
         self._depth = depth
         return pipe
 
-    def _mark_undecodable(self, host, plan, error):
+    def _mark_undecodable(self, host, sources, error):
         """After DALI failed on a batch, mark the images PIL cannot decode either as bad; if
         there are none, the failure is DALI's own and is reported as such."""
         from PIL import Image
         found = False
-        for index in sorted(set(plan.sources.tolist())):
+        for index in sorted(set(sources.tolist())):
             try:
                 with Image.open(BytesIO(host.jpegs[index])) as image:
                     image.load()
@@ -325,17 +357,15 @@ class ImageDataProvider:
             raise DataError(f"{host.path}: DALI could not decode the batch "
                             f"({' '.join(str(error).split())[:300]})")
 
-    def _to_mats(self, host, plan, images):
+    def _to_mats(self, batch, images):
         """The batch's matrices on the trainer's stream, with the replaced images reported."""
-        device = self.device
+        device, plan = self.device, batch.plan
         if self._copy_stream is not None:
             # Made on the copy stream (complete: the decoder thread synchronised it); the
             # allocator must not hand its memory out again before the trainer's kernels ran.
             images.record_stream(torch.cuda.current_stream(device))
-        for case, index in plan.replaced:
-            self.skipped_images += 1
-            self._warnings.append(f"{locate(host.path, case)}: {host.sizes[case]}; "
-                                  f"replaced by image {index} of the batch")
+        self.skipped_images += len(batch.warnings)
+        self._warnings += batch.warnings
         count = len(plan.sources)
         labels = torch.from_numpy(plan.labels).to(device)
         hot = torch.zeros((count, self.get_num_classes()), dtype=torch.float32, device=device)

@@ -69,9 +69,10 @@ class HostBatch:
 
 @dataclass
 class Plan:
-    """This rank's cases of a host batch: DALI's inputs and the label values."""
+    """This rank's cases of a host batch: DALI's per-case inputs (the JPEGs themselves go in a
+    JpegRuns) and the label values."""
     sources: np.ndarray     # the image each case shows (itself, or a bad one's replacement)
-    feeds: dict             # external_source name -> per-sample data (see image.image_graph)
+    feeds: dict             # external_source name -> (cases, ...) array (see image.image_graph)
     labels: np.ndarray      # (n,) float32; -1 for an image without labels
     hot: tuple              # (rows, cols) of the ones of the one-/multi-hot matrix
     replaced: list          # (case, image shown instead) for each bad image
@@ -136,8 +137,7 @@ class CasePlanner:
         sources = np.array([self._source(host, c) for c in cases], dtype=np.int64)
         sizes = np.array([host.sizes[i] for i in sources], np.int64).reshape(-1, 2)
         free = sizes[:, ::-1] - self.inner                             # (W - inner, H - inner)
-        feeds = {"jpegs": [np.frombuffer(host.jpegs[i], dtype=np.uint8) for i in sources],
-                 "channel_offset": self._channel_offsets(host.draws, cases)}
+        feeds = {"channel_offset": self._channel_offsets(host.draws, cases)}
         for v, (origin, mirror) in enumerate(zip(*self._views(host.draws, cases, free))):
             # crop_mirror_normalize takes the origin as a fraction of (size - inner) and rounds
             # its product back, which restores the integer exactly.
@@ -153,6 +153,11 @@ class CasePlanner:
             cols += options
         replaced = [(c, i) for c, i in zip(cases, sources) if c != i]
         return Plan(sources, feeds, np.array(labels, np.float32), (rows, cols), replaced)
+
+    def replacement_warnings(self, host, plan):
+        """One line per bad image of the plan that another image stands in for."""
+        return [f"{locate(host.path, case)}: {host.sizes[case]}; replaced by image {index} of "
+                f"the batch" for case, index in plan.replaced]
 
     def _source(self, host, case):
         """The image case `case` shows: itself, or with skip_bad_images the next good image of
@@ -187,3 +192,46 @@ class CasePlanner:
             stdevs, eigvecs = self.color_pca
             offsets -= self.color_noise * (draws["alpha"][cases] * stdevs) @ eigvecs.T
         return offsets.astype(np.float32)
+
+
+@dataclass
+class JpegRuns:
+    """The JPEGs of a plan's cases as DALI is fed them, one uint8 matrix per DALI run of up to
+    `run_size` cases: a row per case, zero-padded to the run's longest JPEG, and each case's
+    length, which the graph cuts the row back to (image.image_graph). One array per run crosses
+    into DALI instead of one Python object per image: feeding per image held the training
+    process's GIL for about 11 us an image (BENCHMARKS.md)."""
+    data: np.ndarray        # uint8, every run's matrix one after the other
+    runs: list              # per run: (byte offset in `data`, rows, row width)
+    lengths: np.ndarray     # (cases,) int32
+
+    @staticmethod
+    def layout(lengths, run_size):
+        """(runs, total bytes) for JPEGs of these lengths cut into runs of `run_size` cases."""
+        runs, offset = [], 0
+        for start in range(0, len(lengths), run_size):
+            rows = min(run_size, len(lengths) - start)
+            width = max(1, int(lengths[start:start + rows].max()))
+            runs.append((offset, rows, width))
+            offset += rows * width
+        return runs, offset
+
+    @classmethod
+    def pack(cls, jpegs, sources, run_size, allocate=lambda size: np.empty(size, np.uint8)):
+        """Lay out the JPEGs of `sources` (indices into `jpegs`) in memory from
+        allocate(total bytes) (a uint8 array)."""
+        lengths = np.array([len(jpegs[i]) for i in sources], np.int32)
+        runs, total = cls.layout(lengths, run_size)
+        data = allocate(total)
+        case = 0
+        for offset, rows, width in runs:
+            matrix = data[offset:offset + rows * width].reshape(rows, width)
+            for row in range(rows):
+                jpeg = jpegs[sources[case]]
+                matrix[row, :len(jpeg)] = np.frombuffer(jpeg, np.uint8)   # the rest is never read
+                case += 1
+        return cls(data, runs, lengths)
+
+    def matrix(self, run):
+        offset, rows, width = self.runs[run]
+        return self.data[offset:offset + rows * width].reshape(rows, width)

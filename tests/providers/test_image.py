@@ -7,6 +7,7 @@ every draw from the derivation documented in distconvnet/providers/image_plan.py
 import importlib.util
 import io
 import math
+import os
 import struct
 import sys
 from pathlib import Path
@@ -209,6 +210,66 @@ def test_a_batch_decoded_in_several_dali_runs_is_the_same(data, bad_batches, dal
                 assert torch.equal(got, want)
         assert runs.take_warnings() == whole.take_warnings()
         runs.close()
+
+
+def test_batches_are_read_and_planned_outside_the_training_process(data, monkeypatch):
+    """The reader process does the per-image Python; this process never unpickles a batch."""
+    from distconvnet.providers.image_plan import CasePlanner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a batch was read in the training process")
+    monkeypatch.setattr(CasePlanner, "read", refuse)
+    p = provider(data, inner_size=INNER, color_noise=0.1, seed=5)
+    for batchnum in (0, 1):
+        expected, _ = reference(data, batchnum, seed=5, color_noise=0.1)
+        np.testing.assert_allclose(p.get_next_batch().mats[0].numpy(), expected, atol=1e-3)
+    p.close()
+
+
+def test_shared_memory_slots_grow_to_the_largest_batch(data, monkeypatch):
+    from distconvnet.providers import image_reader
+    monkeypatch.setattr(image_reader, "FIRST_SLOT", 64)      # smaller than any batch here
+    p = provider(data, inner_size=INNER, color_noise=0.1, seed=5)
+    for epoch in (1, 2):
+        for batchnum in (0, 1):
+            expected, _ = reference(data, batchnum, epoch=epoch, seed=5, color_noise=0.1)
+            np.testing.assert_allclose(p.get_next_batch().mats[0].numpy(), expected,
+                                       atol=1e-3)
+    assert all(slot.size > 64 for slot in p._image_reader._slots)
+    p.close()
+
+
+def test_close_stops_the_reader_processes_and_frees_their_shared_memory(data):
+    p = provider(data, inner_size=INNER)
+    p.get_next_batch()
+    names = [slot.name for slot in p._image_reader._slots]
+    children = [process for process, _ in p._image_reader._children]
+    assert names and all(child.is_alive() for child in children)
+    p.close()
+    assert not any(child.is_alive() for child in children)
+    assert not any(os.path.exists(f"/dev/shm/{name.lstrip('/')}") for name in names)
+
+
+def test_a_reader_process_that_dies_is_one_clear_error(data):
+    p = provider(data, inner_size=INNER)
+    p.get_next_batch()
+    for process, _ in p._image_reader._children:
+        process.kill()
+    with pytest.raises(DataError, match="the image reader process ended unexpectedly"):
+        for _ in range(4):
+            p.get_next_batch()
+    p.close()
+
+
+def test_jpeg_runs_pad_each_run_to_its_longest_jpeg():
+    from distconvnet.providers.image_plan import JpegRuns
+    jpegs = [bytes([k + 1]) * n for k, n in enumerate([5, 3, 7, 2, 4])]
+    runs = JpegRuns.pack(jpegs, np.array([0, 2, 2, 4, 1]), run_size=2)
+    assert runs.runs == [(0, 2, 7), (14, 2, 7), (28, 1, 3)]
+    assert runs.lengths.tolist() == [5, 7, 7, 4, 3]
+    rows = [bytes(runs.matrix(r)[i, :n]) for r, (_, count, _) in enumerate(runs.runs)
+            for i, n in zip(range(count), runs.lengths[2 * r:2 * r + count])]
+    assert rows == [jpegs[i] for i in (0, 2, 2, 4, 1)]
 
 
 def py2_pickle(jpegs, labels):
