@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import torch
 
-from .cfg import read_text
 from .layers import BuildContext
 from .model import ConvNet
 from .parallel import launch
@@ -53,11 +52,11 @@ def check_from_options(opts, state=None):
                                                      minibatch=opts.minibatch_size))
     def_path = os.path.join(opts.layer_path, opts.layer_def)
     params_path = os.path.join(opts.layer_path, opts.layer_params)
-    def_text = state["layer_def"] if state else read_text(def_path)
-    model = ConvNet(def_path, params_path,
-                    BuildContext(provider.get_data_dims, provider.get_num_classes()),
-                    layer_def_text=def_text)
-    if state is not None:
+    ctx = BuildContext(provider.get_data_dims, provider.get_num_classes())
+    if state is None:
+        model = ConvNet(def_path, params_path, ctx)
+    else:
+        model = ConvNet.from_checkpoint(state["path"], state["layer_def"], ctx, params_path)
         model.load_state_dict(state["model"])
     batch = provider.get_next_batch()
     minibatch = [m[:opts.minibatch_size] for m in batch.mats]

@@ -11,7 +11,7 @@ from torch import nn
 
 from .cfg import read_cfg
 from .errors import ConfigError
-from .layers import REGISTRY, WeightLayer
+from .layers import REGISTRY, BuildContext, WeightLayer
 
 _STRUCTURAL_KEYS = ("type", "inputs")
 
@@ -33,11 +33,28 @@ class ConvNet(nn.Module):
         self._build(read_cfg(layer_def, layer_def_text), ctx)
         self.apply_params(layer_params, layer_params_text)
 
+    @classmethod
+    def from_checkpoint(cls, path, layer_def_text, ctx, layer_params=None,
+                        layer_params_text=None):
+        """The net of the layer definition stored in checkpoint `path`, with the layer-params
+        file `layer_params` (default: the text stored with it, `layer_params_text`).
+
+        The stored text is data: its init functions are not run (the weights come from the
+        checkpoint), and its mistakes are reported against the checkpoint, not against a
+        layer-definition file that the user may never have seen with that text."""
+        if layer_params is None:
+            layer_params = f"{path} (stored layer parameters)"
+        return cls(f"{path} (stored layer definition)", layer_params,
+                   BuildContext(ctx.data_dims, ctx.num_classes, from_checkpoint=True),
+                   layer_def_text=layer_def_text, layer_params_text=layer_params_text)
+
     # -- building ----------------------------------------------------------------------------
     def _build(self, cfg, ctx):
         resolve = {}        # name in the cfg -> name of the layer that carries its output
         unknown = []
         for sec in cfg.sections:
+            if "." in sec.name:
+                raise sec.error("a layer name may not contain '.'")
             type_name = sec.str("type")
             cls = REGISTRY.get(type_name)
             if cls is None:
