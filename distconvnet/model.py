@@ -109,13 +109,19 @@ class ConvNet(nn.Module):
                                 f"(no layer takes it as input)")
 
     def _share_weights(self, cfg):
+        """weightSource: each receiving matrix starts as a copy of its source's. It stays a
+        tensor of its own, so that its gradient is its own layer's, which the optimizer scales
+        by that layer's rate and adds into the owner's update, copying the result back (as the
+        original did for fc, sfc and local layers; see optim.py)."""
+        earlier = {}
         for layer in self.weight_layers():
+            earlier[layer.name] = layer
             for i, source in enumerate(layer.weight_sources):
                 if source is None:
                     continue
                 name, idx = source
                 sec = layer.section
-                src = self.layers[name] if name in self.layers else None
+                src = earlier.get(name)
                 if src is None or (src is layer and idx >= i):
                     raise sec.error(f"weightSource '{name}[{idx}]' names no earlier weight "
                                     f"matrix", "weightSource")
@@ -127,7 +133,7 @@ class ConvNet(nn.Module):
                                     f"{tuple(src.weights[idx].shape)} on GPUs {src.gpus}; "
                                     f"input {i} needs {tuple(layer.weights[i].shape)} on GPUs "
                                     f"{layer.gpus}", "weightSource")
-                layer.weights[i] = src.weights[idx]
+                layer.weights[i] = nn.Parameter(src.weights[idx].detach().clone())
 
     def _wire_costs(self, cfg):
         """Children fold into their parent's printed values; softmax->logreg gets the logits."""
@@ -190,7 +196,11 @@ class ConvNet(nn.Module):
         return [layer.init_line() for layer in ordered]
 
     def num_parameters(self):
-        return sum(p.numel() for p in self.parameters())
+        """Trainable values; a matrix shared through weightSource counts once."""
+        copies = sum(w.numel() for layer in self.weight_layers()
+                     for w, source in zip(layer.weights, layer.weight_sources)
+                     if source is not None)
+        return sum(p.numel() for p in self.parameters()) - copies
 
     # -- running -----------------------------------------------------------------------------
     def forward(self, mats, keep=()):

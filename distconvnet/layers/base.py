@@ -146,6 +146,15 @@ class Layer(nn.Module):
         return value
 
 
+def weight_owner(layers, name, index):
+    """(layer name, index) of the matrix that `name`'s matrix `index` takes through weightSource,
+    following chains; the matrix itself when its layer owns it. `layers` maps names to layers;
+    sources are earlier matrices (model.py checks), so the chain ends."""
+    while layers[name].weight_sources[index] is not None:
+        name, index = layers[name].weight_sources[index]
+    return name, index
+
+
 class WeightLearning:
     """Per-layer learning hyper-parameters from the layer-params file (spec §5)."""
 
