@@ -67,7 +67,7 @@ class ConvNet(nn.Module):
             resolve[sec.name] = sec.name
             unknown += [(sec, k) for k in sec.unused_keys() if k not in _STRUCTURAL_KEYS]
             if layer.neuron is not None:
-                name = self._free_name(f"{sec.name}_neuron")
+                name = self._free_name(f"{sec.name}_neuron", cfg)
                 nsec = sec.derive(name, {"type": "neuron", "inputs": sec.name,
                                          "neuron": layer.neuron}, "neuron")
                 self.layers[name] = REGISTRY["neuron"](nsec, [layer], ctx)
@@ -80,10 +80,11 @@ class ConvNet(nn.Module):
         self._share_weights(cfg)
         self._wire_costs(cfg)
 
-    def _free_name(self, name):
+    def _free_name(self, name, cfg):
+        """`name`, or `name_1`, `name_2`, ... if a layer of the file already has it."""
         base, k = name, 1
-        while name in self.layers:
-            name, k = f"{base}.{k}", k + 1
+        while name in self.layers or name in cfg:
+            name, k = f"{base}_{k}", k + 1
         return name
 
     def _inputs_of(self, sec, cls, cfg, resolve):
