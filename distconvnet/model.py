@@ -43,8 +43,8 @@ class ConvNet(nn.Module):
         checkpoint), and its mistakes are reported against the checkpoint, not against a
         layer-definition file that the user may never have seen with that text."""
         if layer_params is None:
-            layer_params = f"{path} (stored layer parameters)"
-        return cls(f"{path} (stored layer definition)", layer_params,
+            layer_params = f"{path} (the layer parameters stored in it)"
+        return cls(f"{path} (the layer definition stored in it)", layer_params,
                    BuildContext(ctx.data_dims, ctx.num_classes, from_checkpoint=True),
                    layer_def_text=layer_def_text, layer_params_text=layer_params_text)
 
@@ -53,8 +53,6 @@ class ConvNet(nn.Module):
         resolve = {}        # name in the cfg -> name of the layer that carries its output
         unknown = []
         for sec in cfg.sections:
-            if "." in sec.name:
-                raise sec.error("a layer name may not contain '.'")
             type_name = sec.str("type")
             cls = REGISTRY.get(type_name)
             if cls is None:
@@ -110,10 +108,10 @@ class ConvNet(nn.Module):
                                 f"(no layer takes it as input)")
 
     def _share_weights(self, cfg):
-        """weightSource: each receiving matrix starts as a copy of its source's. It stays a
-        tensor of its own, so that its gradient is its own layer's, which the optimizer scales
-        by that layer's rate and adds into the owner's update, copying the result back (as the
-        original did for fc, sfc and local layers; see optim.py)."""
+        """weightSource: each receiving matrix starts as a copy of its source's and stays a
+        tensor of its own, so that its gradient is its own layer's. The optimizer adds that
+        gradient into the owner's increment at the rate the original gave it, and copies the
+        owner's values back after each update (optim.py)."""
         earlier = {}
         for layer in self.weight_layers():
             earlier[layer.name] = layer

@@ -96,13 +96,3 @@ def test_an_all_indented_layer_file_is_one_error_line(digit_cifar, tmp_path):
     result = run_in_process(tiny_args(digit_cifar, tmp_path / "save", layer_def=layer_def))
     assert_one_error_line(*result, f"{layer_def}:{first}:", "indented line '[data]'")
 
-
-def test_a_layer_name_with_a_dot_is_one_error_line(digit_cifar, tmp_path):
-    text = TINY_DEF.read_text()
-    layer_def = tmp_path / "dotted.cfg"
-    layer_def.write_text(text.replace("[fc10]", "[fc.10]").replace("inputs=fc10",
-                                                                    "inputs=fc.10"))
-    line = text.splitlines().index("[fc10]") + 1
-    result = run_in_process(tiny_args(digit_cifar, tmp_path / "save", layer_def=layer_def))
-    assert_one_error_line(*result, f"{layer_def}:{line}:", "layer 'fc.10'",
-                          "a layer name may not contain '.'")

@@ -120,7 +120,7 @@ def test_a_section_named_like_a_path_writes_nothing_there(entry, tiny_run, tmp_p
     before = files_under(run_dir)
     status, stdout, stderr = run(command(entry, run_dir, tmp_path / "out"))
     # probs reads fc10, which is gone: the stored net is unusable, and the line says where.
-    assert_one_error_line(status, stderr, f"{run_dir}", "stored layer definition",
+    assert_one_error_line(status, stderr, f"{run_dir}", "layer definition stored in it",
                           "input layer 'fc10' does not exist")
     assert not list(tmp_path.glob("chosen*"))
     assert files_under(run_dir) == before
@@ -133,7 +133,7 @@ def test_an_unknown_layer_type_is_one_line_naming_the_checkpoint(entry, tiny_run
         "type=fc", "type=os.system")))
     before = files_under(run_dir)
     status, stdout, stderr = run(command(entry, run_dir, tmp_path / "out"))
-    assert_one_error_line(status, stderr, f"{run_dir}", "stored layer definition",
+    assert_one_error_line(status, stderr, f"{run_dir}", "layer definition stored in it",
                           "layer 'fc10'", "unknown layer type 'os.system'")
     assert files_under(run_dir) == before
     assert not files_under(tmp_path / "out")
