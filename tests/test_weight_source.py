@@ -139,7 +139,7 @@ def test_the_gradient_check_checks_each_layers_use(tmp_path):
     """As the original printed a check per layer's weights[i]: each copy holds its own layer's
     gradient, against a finite difference through that layer alone."""
     model, _ = build(tmp_path, 0.03)
-    results = check_gradients(model, [torch.randn(CASES, UNITS, dtype=torch.float64)])
+    results = list(check_gradients(model, [torch.randn(CASES, UNITS, dtype=torch.float64)]))
     assert [(r.layer, r.what) for r in results] == [
         ("fc1", "weights[0]"), ("fc1", "biases"), ("fc2", "weights[0]"), ("fc2", "biases")]
     assert all(r.passed for r in results)
