@@ -132,6 +132,11 @@ def read_cfg(path, text=None):
     """
     if text is None:
         text = read_text(path)
+    stray = _stray_indented_line(text)
+    if stray is not None:
+        number, line = stray
+        raise ConfigError(f"indented line {line.strip()!r} continues no value (only the "
+                          f"continuation lines of a value may be indented)", path, number)
     parser = configparser.RawConfigParser(
         comment_prefixes=("#", ";"), inline_comment_prefixes=None, strict=True,
         empty_lines_in_values=False, interpolation=None, default_section="\0no-default\0")
@@ -152,6 +157,23 @@ def read_cfg(path, text=None):
     sections = [Section(name, path, section_lines[name], dict(parser.items(name)),
                         key_lines[name]) for name in parser.sections()]
     return CfgFile(path, sections)
+
+
+def _stray_indented_line(text):
+    """(number, line) of the first indented line that is not the continuation of a value, or
+    None. The original's Python 2 ConfigParser refused such lines; Python 3's reads them as if
+    they were not indented. A blank or comment line ends a value, as configparser has it here."""
+    in_value = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", ";")):
+            in_value = False
+        elif line[0].isspace():
+            if not in_value:
+                return number, line
+        else:
+            in_value = not _SECTION_RE.match(line)
+    return None
 
 
 def _locate(text):

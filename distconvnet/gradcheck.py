@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import torch
 
-from .cfg import read_text
 from .layers import BuildContext
 from .model import ConvNet
 from .parallel import launch
@@ -53,11 +52,11 @@ def check_from_options(opts, state=None):
                                                      minibatch=opts.minibatch_size))
     def_path = os.path.join(opts.layer_path, opts.layer_def)
     params_path = os.path.join(opts.layer_path, opts.layer_params)
-    def_text = state["layer_def"] if state else read_text(def_path)
-    model = ConvNet(def_path, params_path,
-                    BuildContext(provider.get_data_dims, provider.get_num_classes()),
-                    layer_def_text=def_text)
-    if state is not None:
+    ctx = BuildContext(provider.get_data_dims, provider.get_num_classes())
+    if state is None:
+        model = ConvNet(def_path, params_path, ctx)
+    else:
+        model = ConvNet.from_checkpoint(state["path"], state["layer_def"], ctx, params_path)
         model.load_state_dict(state["model"])
     batch = provider.get_next_batch()
     minibatch = [m[:opts.minibatch_size] for m in batch.mats]
@@ -65,22 +64,19 @@ def check_from_options(opts, state=None):
 
 
 def check_gradients(model, mats):
-    """One MatrixCheck per distinct weight matrix and bias vector, in layer order."""
+    """One MatrixCheck per weight matrix and bias vector of each layer, in layer order."""
     model = model.double().eval()
     mats = [m.double() for m in mats]
     num_cases = mats[0].shape[0]
     model.zero_grad(set_to_none=True)
     model(mats).objective.backward()
-    results, seen = [], set()
+    results = []
     for layer in model.weight_layers():
         eps_w, eps_b = EPSILONS.get(layer.type_name, FC_EPSILONS)
         named = [(f"weights[{i}]", w, eps_w) for i, w in enumerate(layer.weights)]
+        # A layer's copy of a matrix shared through weightSource is checked with the layer:
+        # the gradient it holds is that layer's own (model.py).
         for what, param, eps in named + [("biases", layer.biases, eps_b)]:
-            # A matrix shared through weightSource is one parameter: checked once, where it
-            # first appears.
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
             analytic = _analytic(param) / num_cases
             numeric = _numeric(model, mats, param, eps) / num_cases
             results.append(_compare(layer.name, what, numeric, analytic))

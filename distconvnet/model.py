@@ -11,7 +11,7 @@ from torch import nn
 
 from .cfg import read_cfg
 from .errors import ConfigError
-from .layers import REGISTRY, WeightLayer
+from .layers import REGISTRY, BuildContext, WeightLayer
 
 _STRUCTURAL_KEYS = ("type", "inputs")
 
@@ -33,6 +33,21 @@ class ConvNet(nn.Module):
         self._build(read_cfg(layer_def, layer_def_text), ctx)
         self.apply_params(layer_params, layer_params_text)
 
+    @classmethod
+    def from_checkpoint(cls, path, layer_def_text, ctx, layer_params=None,
+                        layer_params_text=None):
+        """The net of the layer definition stored in checkpoint `path`, with the layer-params
+        file `layer_params` (default: the text stored with it, `layer_params_text`).
+
+        The stored text is data: its init functions are not run (the weights come from the
+        checkpoint), and its mistakes are reported against the checkpoint, not against a
+        layer-definition file that the user may never have seen with that text."""
+        if layer_params is None:
+            layer_params = f"{path} (the layer parameters stored in it)"
+        return cls(f"{path} (the layer definition stored in it)", layer_params,
+                   BuildContext(ctx.data_dims, ctx.num_classes, from_checkpoint=True),
+                   layer_def_text=layer_def_text, layer_params_text=layer_params_text)
+
     # -- building ----------------------------------------------------------------------------
     def _build(self, cfg, ctx):
         resolve = {}        # name in the cfg -> name of the layer that carries its output
@@ -50,7 +65,7 @@ class ConvNet(nn.Module):
             resolve[sec.name] = sec.name
             unknown += [(sec, k) for k in sec.unused_keys() if k not in _STRUCTURAL_KEYS]
             if layer.neuron is not None:
-                name = self._free_name(f"{sec.name}_neuron")
+                name = self._free_name(f"{sec.name}_neuron", cfg)
                 nsec = sec.derive(name, {"type": "neuron", "inputs": sec.name,
                                          "neuron": layer.neuron}, "neuron")
                 self.layers[name] = REGISTRY["neuron"](nsec, [layer], ctx)
@@ -63,10 +78,11 @@ class ConvNet(nn.Module):
         self._share_weights(cfg)
         self._wire_costs(cfg)
 
-    def _free_name(self, name):
+    def _free_name(self, name, cfg):
+        """`name`, or `name_1`, `name_2`, ... if a layer of the file already has it."""
         base, k = name, 1
-        while name in self.layers:
-            name, k = f"{base}.{k}", k + 1
+        while name in self.layers or name in cfg:
+            name, k = f"{base}_{k}", k + 1
         return name
 
     def _inputs_of(self, sec, cls, cfg, resolve):
@@ -92,13 +108,19 @@ class ConvNet(nn.Module):
                                 f"(no layer takes it as input)")
 
     def _share_weights(self, cfg):
+        """weightSource: each receiving matrix starts as a copy of its source's and stays a
+        tensor of its own, so that its gradient is its own layer's. The optimizer adds that
+        gradient into the owner's increment at the rate the original gave it, and copies the
+        owner's values back after each update (optim.py)."""
+        earlier = {}
         for layer in self.weight_layers():
+            earlier[layer.name] = layer
             for i, source in enumerate(layer.weight_sources):
                 if source is None:
                     continue
                 name, idx = source
                 sec = layer.section
-                src = self.layers[name] if name in self.layers else None
+                src = earlier.get(name)
                 if src is None or (src is layer and idx >= i):
                     raise sec.error(f"weightSource '{name}[{idx}]' names no earlier weight "
                                     f"matrix", "weightSource")
@@ -110,7 +132,7 @@ class ConvNet(nn.Module):
                                     f"{tuple(src.weights[idx].shape)} on GPUs {src.gpus}; "
                                     f"input {i} needs {tuple(layer.weights[i].shape)} on GPUs "
                                     f"{layer.gpus}", "weightSource")
-                layer.weights[i] = src.weights[idx]
+                layer.weights[i] = nn.Parameter(src.weights[idx].detach().clone())
 
     def _wire_costs(self, cfg):
         """Children fold into their parent's printed values; softmax->logreg gets the logits."""
@@ -173,7 +195,11 @@ class ConvNet(nn.Module):
         return [layer.init_line() for layer in ordered]
 
     def num_parameters(self):
-        return sum(p.numel() for p in self.parameters())
+        """Trainable values; a matrix shared through weightSource counts once."""
+        copies = sum(w.numel() for layer in self.weight_layers()
+                     for w, source in zip(layer.weights, layer.weight_sources)
+                     if source is not None)
+        return sum(p.numel() for p in self.parameters()) - copies
 
     # -- running -----------------------------------------------------------------------------
     def forward(self, mats, keep=()):

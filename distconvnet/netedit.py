@@ -12,6 +12,7 @@ import re
 import torch
 
 from .errors import OptionError
+from .layers import weight_owner
 
 WEIGHTS, BIASES = "weights", "biases"
 
@@ -60,19 +61,12 @@ def _parse_unshare(entry, net):
     return name, [index]
 
 
-def _owner(net, name, index):
-    """(layer, index) of the matrix that the optimizer keeps for `name`'s matrix `index`."""
-    while net.layers[name].weight_sources[index] is not None:
-        name, index = net.layers[name].weight_sources[index]
-    return name, index
-
-
 def _unshare_increment(optim_state, net, name, index):
     """Give the newly owned matrix an optimizer group, placed where Ccn2SGD's own order puts it
     (a layer's weights by index, then its biases); its momentum starts as a copy of the shared
     matrix's, so the first update continues the one the shared matrix would have had."""
     groups, state = optim_state["param_groups"], optim_state["state"]
-    owner, owner_index = _owner(net, name, index)
+    owner, owner_index = weight_owner(net.layers, name, index)
     source = next(g for g in groups
                   if (g["layer"], tuple(g["kind"])) == (owner, (WEIGHTS, owner_index)))
     at = next(k for k, g in enumerate(groups) if g["layer"] == name and

@@ -19,15 +19,22 @@ Contract with the trainer:
   * Build it after the model is on its device: the increments live next to their parameters.
 
 One param group per weight matrix and one per bias vector, so every matrix carries its own
-hyper-parameters. A matrix shared through weightSource is one nn.Parameter appearing in two
-layers; it forms one group, with the hyper-parameters (epsW, momW, wc, wball, updatePeriod) of
-the layer that owns it, the source: cuda-convnet2 updates a shared matrix only through its owner
-and ignores the receiver's momW and wc (spec §4.5). Its gradient sums both uses, as there.
+hyper-parameters.
+
+weightSource: a receiving layer holds a copy of its source's matrix (model.py), with a gradient
+of its own. The group is the owner's: only the owner's μ, λ, wball, wcNorm and update period
+act (spec §4.5), and after each update the owner's values are copied into its receivers. Each
+layer that uses the matrix adds its own gradient, divided by its own Nnom, into the owner's inc,
+as WeightLayer::bpropCommon/getGradScale did, at the rate cuda-convnet2 gave it:
+  * fc, sfc and local layers with one replica (the original's useGrad=false weights): each use
+    at its own layer's ε, inc = μ·inc + Σ_uses ε_use·g_use − λ·ε·W;
+  * conv layers and layers with several replicas (useGrad=true): every use at the owner's ε;
+and a use whose own epsW base is 0 adds nothing (its layer computed no weight gradient).
 
 Speed: a step groups the due matrices by equal (μ, ε/Nnom, λ·ε) and updates each bucket with
 torch._foreach_* ops, a few kernel launches per bucket, and never reads a value back to the host.
-With `fused` (CUDA and torch.compile), a step in which every learned matrix is due and has a
-gradient runs one compiled kernel per matrix instead, which reads W, inc and the gradient once
+With `fused` (CUDA and torch.compile), a step in which every learned matrix is due, has a
+gradient and no weightSource receiver runs one compiled kernel per matrix instead, which reads W, inc and the gradient once
 and writes W and inc once: the foreach ops' eleven passes over the weights took a fifth of an
 imagenet-1gpu step at --mini 128 (BENCHMARKS.md, 2026-12-04). Its (μ, −ε/Nnom, −λ·ε) live in a
 device tensor rewritten when the schedules move, so a new rate costs no recompilation.
@@ -39,6 +46,7 @@ from collections import defaultdict
 import torch
 
 from .errors import CheckpointError, ConfigError, OptionError
+from .layers.base import weight_owner
 from .schedule import SCHEDULES
 
 WEIGHTS, BIASES = "weights", "biases"
@@ -75,7 +83,9 @@ class Ccn2SGD(torch.optim.Optimizer):
     Each param group holds one tensor and plain values only (so state_dict() loads with
     weights_only=True): layer, kind ("weights", i) | ("biases",), layer_type, schedule (its
     to_dict()), base_lr, lr (ε now), momentum, wc (0 for biases), wball, wc_norm_max/min,
-    update_period (effective) and nominal_cases (Nnom).
+    update_period (effective), nominal_cases (Nnom), owner_rate (whether the receivers' gradients
+    take the owner's ε) and receivers: per receiving matrix, its layer, kind, schedule, base_lr,
+    lr and nominal_cases. The receivers' tensors are kept apart (`receivers()`).
     """
 
     def __init__(self, weight_layers, minibatch, num_passes=1, active_pass_period=None,
@@ -86,7 +96,8 @@ class Ccn2SGD(torch.optim.Optimizer):
         self.minibatch, self.num_passes = minibatch, num_passes
         self.active_pass_period = dict(active_pass_period or {})
         self.progress = 0.0
-        groups, self._layers = self._groups_for(weight_layers)
+        groups, self._layers, shared = self._groups_for(weight_layers)
+        self._share(shared)
         super().__init__(groups, {})
         for group in self.param_groups:
             p = group["params"][0]
@@ -98,26 +109,44 @@ class Ccn2SGD(torch.optim.Optimizer):
 
     # -- building groups from the layers' hyper-parameters -----------------------------------
     def _groups_for(self, weight_layers):
-        groups, layers, owned = [], [], set()
+        """(param groups, [(layer, [id of each input's owned matrix], id of biases)],
+        [(owned matrix, a receiver's copy of it)])."""
+        by_name = {layer.name: layer for layer in weight_layers}
+        groups, layers, shared, group_of = [], [], [], {}
         for layer in weight_layers:
             learning = layer.learning
             period = self._effective_period(layer)
+            weight_cases = period * (self.minibatch / self.num_passes)
+            owned = []
             for i, w in enumerate(layer.weights):
-                if layer.weight_sources[i] is not None or id(w) in owned:
-                    continue
-                owned.add(id(w))
-                groups.append(self._group(
-                    layer, (WEIGHTS, i), w, learning.eps_w[i], learning.mom_w[i],
-                    learning.wc[i], learning.wball[i], learning.wc_norm_max[i],
-                    learning.wc_norm_min[i], period,
-                    period * (self.minibatch / self.num_passes)))
+                if layer.weight_sources[i] is None:
+                    group = group_of[(layer.name, i)] = self._group(
+                        layer, (WEIGHTS, i), w, learning.eps_w[i], learning.mom_w[i],
+                        learning.wc[i], learning.wball[i], learning.wc_norm_max[i],
+                        learning.wc_norm_min[i], period, weight_cases)
+                    groups.append(group)
+                else:
+                    group = group_of[weight_owner(by_name, layer.name, i)]
+                    group["receivers"].append(
+                        {"layer": layer.name, "kind": (WEIGHTS, i),
+                         "schedule": learning.eps_w[i].to_dict(),
+                         "base_lr": float(learning.eps_w[i].params.get("base", 0.0)),
+                         "lr": 0.0, "nominal_cases": float(weight_cases)})
+                    shared.append((group["params"][0], w))
+                owned.append(id(group["params"][0]))
             # Biases are scaled by period·ceil(mini/passes), not mini/passes as the weights are
             # (WeightLayer::getBGradScale vs getGradScale); equal unless passes ∤ mini.
             groups.append(self._group(
                 layer, (BIASES,), layer.biases, learning.eps_b, learning.mom_b, 0.0, 0.0, 0.0,
                 0.0, period, period * -(-self.minibatch // self.num_passes)))
-            layers.append((layer.name, [id(w) for w in layer.weights], id(layer.biases)))
-        return groups, layers
+            layers.append((layer.name, owned, id(layer.biases)))
+        return groups, layers, shared
+
+    def _share(self, shared):
+        self._receivers, self._owner_of = {}, {}
+        for owner, receiver in shared:
+            self._receivers.setdefault(id(owner), []).append(receiver)
+            self._owner_of[id(receiver)] = owner
 
     def _effective_period(self, layer):
         """spec §8: updatePeriod_eff = max(updatePeriod, activePassPeriod); 0 = every pass."""
@@ -140,7 +169,10 @@ class Ccn2SGD(torch.optim.Optimizer):
                 "base_lr": float(schedule.params.get("base", 0.0)), "lr": 0.0,
                 "momentum": float(momentum), "wc": float(wc), "wball": float(wball),
                 "wc_norm_max": float(norm_max), "wc_norm_min": float(norm_min),
-                "update_period": period, "nominal_cases": float(nominal_cases)}
+                "update_period": period, "nominal_cases": float(nominal_cases),
+                # The original's useGrad weights: conv, and any layer with several replicas.
+                "owner_rate": layer.type_name == "conv" or len(layer.gpus) > 1,
+                "receivers": []}
 
     # -- the per-batch and per-pass calls ----------------------------------------------------
     def set_progress(self, progress):
@@ -148,6 +180,8 @@ class Ccn2SGD(torch.optim.Optimizer):
         self.progress = progress
         for group in self.param_groups:
             group["lr"] = float(_schedule_from_dict(group["schedule"])(progress))
+            for use in group["receivers"]:
+                use["lr"] = float(_schedule_from_dict(use["schedule"])(progress))
         if self._fused is not None:
             self._fused.rates_changed()
 
@@ -169,10 +203,18 @@ class Ccn2SGD(torch.optim.Optimizer):
             due, self.param_groups, self.state)
         if not self.last_step_fused:
             self._apply(due)
+        owners, copies = [], []
         for group in due:
+            p = group["params"][0]
             if group["base_lr"] > 0:
                 self._constrain(group)
-            group["params"][0].grad = None
+            p.grad = None
+            for receiver in self._receivers.get(id(p), ()):
+                owners.append(p)
+                copies.append(receiver)
+                receiver.grad = None
+        if copies:
+            torch._foreach_copy_(copies, owners)
         return loss
 
     def updates_every_step(self):
@@ -189,6 +231,7 @@ class Ccn2SGD(torch.optim.Optimizer):
         # A matrix whose base rate is 0 is not learned at all, not even decayed (spec §5.1;
         # Weights::update returns early).
         buckets = defaultdict(lambda: ([], [], [], []))
+        received = defaultdict(lambda: ([], []))    # receivers' gradients, by their scale
         for group in due:
             if group["base_lr"] <= 0:
                 continue
@@ -205,6 +248,13 @@ class Ccn2SGD(torch.optim.Optimizer):
             if p.grad is not None:
                 graded_incs.append(inc)
                 grads.append(p.grad)
+            for use, receiver in zip(group["receivers"], self._receivers.get(id(p), ())):
+                if use["base_lr"] > 0 and receiver.grad is not None:
+                    rate = eps if group["owner_rate"] else use["lr"]
+                    receiving_incs, receiver_grads = received[
+                        (p.device, p.dtype, -rate / use["nominal_cases"])]
+                    receiving_incs.append(inc)
+                    receiver_grads.append(receiver.grad)
         for (_, _, momentum, grad_scale, decay), (params, incs, graded_incs, grads) in \
                 buckets.items():
             torch._foreach_mul_(incs, momentum)
@@ -212,6 +262,9 @@ class Ccn2SGD(torch.optim.Optimizer):
                 torch._foreach_add_(graded_incs, grads, alpha=grad_scale)
             if decay:
                 torch._foreach_add_(incs, params, alpha=decay)
+        for (_, _, grad_scale), (incs, grads) in received.items():
+            torch._foreach_add_(incs, grads, alpha=grad_scale)
+        for params, incs, _, _ in buckets.values():
             torch._foreach_add_(params, incs)
 
     @staticmethod
@@ -251,11 +304,14 @@ class Ccn2SGD(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
         for group in self.param_groups:
             self.state[group["params"][0]]["pending"] = 0
+        for receivers in self._receivers.values():
+            for receiver in receivers:
+                receiver.grad = None
 
     # -- resume --------------------------------------------------------------------------------
     def refresh(self, weight_layers):
         """Re-read the hyper-parameters after the layer-params file was re-read; keeps inc."""
-        groups, layers = self._groups_for(weight_layers)
+        groups, layers, shared = self._groups_for(weight_layers)
         if [id(g["params"][0]) for g in groups] != \
                 [id(g["params"][0]) for g in self.param_groups]:
             raise CheckpointError("refresh() was given a net whose weight matrices are not the "
@@ -263,6 +319,7 @@ class Ccn2SGD(torch.optim.Optimizer):
         for old, new in zip(self.param_groups, groups):
             old.update(new)
         self._layers = layers
+        self._share(shared)
         if self._fused is not None:
             self._fused = _FusedUpdate()        # which matrices are learned may have changed
         self.set_progress(self.progress)
@@ -293,9 +350,15 @@ class Ccn2SGD(torch.optim.Optimizer):
             "state": state_dict["state"],
             "param_groups": [dict(c, params=s["params"]) for c, s in zip(current, saved)]})
 
-    # -- what the console, metrics and checkpoint need ------------------------------------------
+    # -- what the console, metrics, checkpoint and pass schedule need ---------------------------
+    def receivers(self, param):
+        """The copies of an owned matrix that layers receiving it through weightSource hold."""
+        return list(self._receivers.get(id(param), ()))
+
     def increment(self, param):
-        """The momentum buffer ("inc", the checkpoint's weightsInc/biasesInc) of a parameter."""
+        """The momentum buffer ("inc", the checkpoint's weightsInc/biasesInc) of a parameter;
+        a receiver's is its owner's."""
+        param = self._owner_of.get(id(param), param)
         return self.state[param]["inc"] if param in self.state else None
 
     def increments(self):
@@ -307,11 +370,17 @@ class Ccn2SGD(torch.optim.Optimizer):
                 for name, weights, b in self._layers}
 
     def current_rates(self):
-        """{layer: {"epsW": [ε per input], "epsB": ε}} at the current progress; a shared matrix
-        reports the rate its owner applies."""
-        lr = {id(g["params"][0]): g["lr"] for g in self.param_groups}
-        return {name: {"epsW": [lr[w] for w in weights], "epsB": lr[b]}
-                for name, weights, b in self._layers}
+        """{layer: {"epsW": [ε per input], "epsB": ε}} at the current progress: the rate applied
+        to each layer's own gradient (a receiver's is the owner's where `owner_rate`)."""
+        rates = {}
+        for g in self.param_groups:
+            rates[(g["layer"], tuple(g["kind"]))] = g["lr"]
+            for use in g["receivers"]:
+                rates[(use["layer"], tuple(use["kind"]))] = g["lr"] if g["owner_rate"] \
+                    else use["lr"]
+        return {name: {"epsW": [rates[(name, (WEIGHTS, i))] for i in range(len(weights))],
+                       "epsB": rates[(name, (BIASES,))]}
+                for name, weights, _ in self._layers}
 
 
 def _update_in_place(params, incs, grads, coefficients):
@@ -357,8 +426,9 @@ class _FusedUpdate:
     def apply(self, due, groups, state):
         """Update the matrices of `due` if the fused form covers the step; False if not."""
         learned = self._learned(groups)
+        # weightSource receivers add their gradients at rates of their own: _apply does that.
         if len(due) != len(groups) or not learned or any(
-                g["params"][0].grad is None for g in learned):
+                g["params"][0].grad is None or g["receivers"] for g in learned):
             return False
         params = [g["params"][0] for g in learned]
         if any((p.device, p.dtype) != (params[0].device, params[0].dtype) for p in params):

@@ -156,11 +156,14 @@ class Session:
         self.layer_params_text = read_text(params_path)
         ctx = BuildContext(self.test_data.get_data_dims, self.test_data.get_num_classes())
         if self.state:
-            def_text = self._edit_loaded_net(def_path, params_path, def_text, ctx)
+            def_text = self._edit_loaded_net(params_path, def_text, ctx)
+            model = ConvNet.from_checkpoint(self.state["path"], def_text, ctx, params_path,
+                                            self.layer_params_text)
+        else:
+            model = ConvNet(def_path, params_path, ctx, layer_def_text=def_text,
+                            layer_params_text=self.layer_params_text)
         self.layer_def_text = def_text
-        self.model = fastpath.place(ConvNet(def_path, params_path, ctx, layer_def_text=def_text,
-                                            layer_params_text=self.layer_params_text),
-                                    self.device, autotune=not self.opts.deterministic)
+        self.model = fastpath.place(model, self.device, autotune=not self.opts.deterministic)
         self.precision = fastpath.resolve_precision(self.opts.precision, self.device)
         self.autocast = fastpath.autocast(self.device, self.precision)
         self.parallel_plan = Plan(nodes_of(self.model))
@@ -172,15 +175,15 @@ class Session:
         self.forward = forward if self.pass_schedule is not None else \
             self.sync.forward_fn(forward)
 
-    def _edit_loaded_net(self, def_path, params_path, def_text, ctx):
+    def _edit_loaded_net(self, params_path, def_text, ctx):
         """--unshare-weights and --conv-to-local (spec §3.2): edit the checkpoint's net text and
         state before the net is built from them, then forget the edits so that a later resume
         does not apply them again (the reset options are what the next checkpoint stores)."""
         unshare, to_local = self.opts.unshare_weights, self.opts.conv_to_local
         if not unshare and not to_local:
             return def_text
-        loaded = ConvNet(def_path, params_path, ctx, layer_def_text=def_text,
-                         layer_params_text=self.layer_params_text)
+        loaded = ConvNet.from_checkpoint(self.state["path"], def_text, ctx, params_path,
+                                         self.layer_params_text)
         def_text, self.state["model"], self.state["optimizer"], lines = netedit.apply_edits(
             def_text, self.state["model"], self.state["optimizer"], loaded, unshare, to_local)
         for line in lines:

@@ -127,7 +127,8 @@ def new_figure(width_px, height_px):
 
 
 def save(fig, save_dir, name):
-    path = os.path.join(save_dir, name)
+    # Names hold layer names, which a checkpoint supplies: each makes one file in save_dir.
+    path = os.path.join(save_dir, name.replace(os.sep, "_"))
     fig.savefig(path, dpi=DPI)
     return path
 
@@ -300,7 +301,7 @@ def plot_predictions(ckpt, opts, args, save_dir):
     provider = make_provider(opts.dp_type, args.data_path or opts.data_path, test_range[:1],
                              test=True, options=options)
     try:
-        net = build_net(ckpt, opts, provider, device)
+        net = build_net(ckpt, provider, device)
         layer = args.show_preds
         if layer not in net.layers or net.layers[layer].type_name != "softmax":
             softmaxes = [n for n, m in net.layers.items() if m.type_name == "softmax"]
@@ -324,11 +325,11 @@ def plot_predictions(ckpt, opts, args, save_dir):
     return save(fig, save_dir, f"{prefix}-{layer}.png")
 
 
-def build_net(ckpt, opts, provider, device):
+def build_net(ckpt, provider, device):
     """The checkpoint's net from its own cfg texts, with its weights, in eval mode."""
     ctx = BuildContext(provider.get_data_dims, provider.get_num_classes())
-    net = ConvNet(opts.layer_def, opts.layer_params, ctx, layer_def_text=ckpt["layer_def"],
-                  layer_params_text=ckpt["layer_params"])
+    net = ConvNet.from_checkpoint(ckpt["path"], ckpt["layer_def"], ctx,
+                                  layer_params_text=ckpt["layer_params"])
     for name, entry in ckpt["weights"].items():
         layer = net.layers[name]
         for param, array in zip([*layer.weights, layer.biases],

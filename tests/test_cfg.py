@@ -4,6 +4,8 @@ import pytest
 
 from distconvnet.cfg import read_cfg
 from distconvnet.errors import ConfigError
+from test_train_errors import assert_one_error_line
+from trainer_fixtures import TINY_DEF, run_in_process, tiny_args
 
 ORIGINAL_STYLE = """\
 # a comment in the original's style
@@ -63,6 +65,11 @@ def test_errors_name_file_line_and_layer(tmp_path):
     ("[a]\ntype=data\n[a]\ntype=data\n", 3, "defined twice"),
     ("[a]\ntype=data\ntype=conv\n", 3, "'type' is given twice"),
     ("[a]\ntype=data\nthis line has no equals sign\n", 3, "cannot parse"),
+    ("  [a]\n  type=data\n", 1, "indented line '\\[a\\]' continues no value"),
+    ("# net\n\n   [a]\n   type=data\n", 3, "indented line '\\[a\\]' continues no value"),
+    ("[a]\n  type=data\n", 2, "indented line 'type=data' continues no value"),
+    ("[a]\ntype=data\n\n  [b]\n  type=data\n", 4, "indented line '\\[b\\]'"),
+    ("[a]\ntype=data\n# comment\n  dataIdx=0\n", 4, "indented line 'dataIdx=0'"),
 ])
 def test_syntax_errors(tmp_path, text, line, words):
     path = write(tmp_path, text)
@@ -70,6 +77,22 @@ def test_syntax_errors(tmp_path, text, line, words):
         read_cfg(path)
 
 
+def test_indented_lines_continue_a_value(tmp_path):
+    cfg = read_cfg(write(tmp_path, "[a]\ntype=conv\ninputs=x,\n   y\n"))
+    assert cfg.get("a").str("inputs") == "x,\ny"
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         read_cfg(str(tmp_path / "nope.cfg"))
+
+
+def test_an_all_indented_layer_file_is_one_error_line(digit_cifar, tmp_path):
+    text = TINY_DEF.read_text()
+    layer_def = tmp_path / "indented.cfg"
+    layer_def.write_text("".join(f"    {line}\n" for line in text.splitlines()))
+    first = next(n for n, line in enumerate(text.splitlines(), start=1)
+                 if line and not line.startswith("#"))
+    result = run_in_process(tiny_args(digit_cifar, tmp_path / "save", layer_def=layer_def))
+    assert_one_error_line(*result, f"{layer_def}:{first}:", "indented line '[data]'")
+

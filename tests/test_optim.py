@@ -16,8 +16,9 @@ from distconvnet.schedule import parse_schedule
 class FakeWeightLayer:
     """What the optimizer reads from a WeightLayer, nothing more (float64 for exact checks)."""
 
-    def __init__(self, name, weights, biases, type_name="fc", sources=None, **learning):
-        self.name, self.type_name = name, type_name
+    def __init__(self, name, weights, biases, type_name="fc", sources=None, gpus=(0,),
+                 **learning):
+        self.name, self.type_name, self.gpus = name, type_name, list(gpus)
         self.weights = [w if isinstance(w, nn.Parameter)
                         else nn.Parameter(torch.tensor(w, dtype=torch.float64)) for w in weights]
         self.biases = nn.Parameter(torch.tensor(biases, dtype=torch.float64))
@@ -178,22 +179,77 @@ def test_wc_norm_clamps_each_filters_spread():
     assert w[2] == [5.0] * 4                                   # no spread: left alone
 
 
-def test_shared_matrix_appears_once_with_the_owners_hyper_parameters():
+def test_a_shared_matrix_is_one_group_with_the_owners_hyper_parameters():
     owner = FakeWeightLayer("a", [[[1.0]]], [0.0], epsW="0.5", momW=0.5)
-    receiver = FakeWeightLayer("b", [owner.weights[0], [[1.0]]], [0.0], epsW="0.25", momW=0.0,
+    receiver = FakeWeightLayer("b", [[[1.0]], [[1.0]]], [0.0], epsW="0.25", momW=0.0, wc=0.3,
                                sources=[("a", 0), None])
     opt = Ccn2SGD([owner, receiver], minibatch=1)
     kinds = [(g["layer"], g["kind"]) for g in opt.param_groups]
     assert kinds == [("a", ("weights", 0)), ("a", ("biases",)), ("b", ("weights", 1)),
                      ("b", ("biases",))]
-    shared = owner.weights[0]
+    shared, copy = owner.weights[0], receiver.weights[0]
+    assert opt.receivers(shared) == [copy]
     opt.state[shared]["inc"].fill_(1.0)
-    shared.grad = torch.tensor([[2.0 + 2.0]], dtype=torch.float64)   # both uses summed
+    shared.grad = torch.tensor([[2.0]], dtype=torch.float64)
+    copy.grad = torch.tensor([[4.0]], dtype=torch.float64)
     opt.step()
-    # owner's ε 0.5 and μ 0.5: inc = 0.5·1 − 0.5·4 = −1.5
-    assert values(shared) == [[-0.5]]
-    assert opt.current_rates()["b"]["epsW"] == [0.5, 0.25]
+    # fc: each use at its own ε, the owner's μ 0.5 and no decay (the receiver's wc is ignored):
+    # inc = 0.5·1 − 0.5·2 − 0.25·4 = −1.5
+    assert values(shared) == [[-0.5]] and values(copy) == [[-0.5]]
+    assert copy.grad is None
+    assert opt.current_rates()["b"]["epsW"] == [0.25, 0.25]
+    assert opt.increment(copy) is opt.increment(shared)
     assert opt.increments()["b"]["weights"][0] is opt.increment(shared)
+
+
+@pytest.mark.parametrize("type_name, gpus, receiver_rate", [
+    ("fc", [0], 0.25), ("sfc", [0], 0.25), ("local", [0], 0.25),
+    ("conv", [0], 0.5), ("fc", [0, 1], 0.5)])
+def test_whose_rate_a_receivers_gradient_takes(type_name, gpus, receiver_rate):
+    """The original's useGrad=false weights (fc, sfc, local with one replica): the receiver's
+    own ε; useGrad=true (conv, several replicas): the owner's. Each use divides by its own
+    layer's case count (updatePeriod 2 for the receiver here)."""
+    owner = FakeWeightLayer("a", [[[0.0]]], [0.0], type_name=type_name, gpus=gpus, epsW="0.5")
+    receiver = FakeWeightLayer("b", [[[0.0]]], [0.0], type_name=type_name, gpus=gpus,
+                               epsW="0.25", updatePeriod=2, sources=[("a", 0)])
+    opt = Ccn2SGD([owner, receiver], minibatch=1)
+    owner.weights[0].grad = torch.tensor([[1.0]], dtype=torch.float64)
+    receiver.weights[0].grad = torch.tensor([[1.0]], dtype=torch.float64)
+    opt.step()                                     # the owner's period: 1
+    assert values(owner.weights[0])[0][0] == pytest.approx(-0.5 - receiver_rate / 2, abs=1e-15)
+    assert opt.current_rates()["b"]["epsW"] == [receiver_rate]
+
+
+@pytest.mark.parametrize("type_name", ["fc", "conv"])
+def test_a_receiver_with_epsw_base_0_adds_no_gradient(type_name):
+    owner = FakeWeightLayer("a", [[[0.0]]], [0.0], type_name=type_name, epsW="0.5")
+    receiver = FakeWeightLayer("b", [[[0.0]]], [0.0], type_name=type_name, epsW="0",
+                               sources=[("a", 0)])
+    opt = Ccn2SGD([owner, receiver], minibatch=1)
+    owner.weights[0].grad = torch.tensor([[1.0]], dtype=torch.float64)
+    receiver.weights[0].grad = torch.tensor([[1000.0]], dtype=torch.float64)
+    opt.step()
+    assert values(receiver.weights[0]) == values(owner.weights[0]) == [[-0.5]]
+
+
+def test_an_optimizer_state_without_receivers_still_loads():
+    """Checkpoints written before receivers had groups of their own keys: their groups lack
+    `receivers` and `owner_rate`; loading takes only the state from them anyway."""
+    def net():
+        owner = FakeWeightLayer("a", [[[1.0]]], [0.0], epsW="0.5", momW=0.5)
+        return [owner, FakeWeightLayer("b", [[[1.0]]], [0.0], sources=[("a", 0)])]
+
+    first = net()
+    opt = Ccn2SGD(first, minibatch=1)
+    opt.state[first[0].weights[0]]["inc"].fill_(3.0)
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["receivers"], group["owner_rate"]
+    second = net()
+    opt2 = Ccn2SGD(second, minibatch=1)
+    opt2.load_state_dict(saved)
+    assert values(opt2.increment(second[1].weights[0])) == [[3.0]]
+    assert opt2.param_groups[0]["receivers"][0]["layer"] == "b"
 
 
 def _net():

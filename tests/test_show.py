@@ -162,7 +162,7 @@ def test_only_errors_shows_misclassified_images(run, tmp_path):
     opts = Options.from_dict(ckpt["options"])
     provider = make_provider("cifar", opts.data_path, [6], test=True,
                              options=ProviderOptions(inner_size=8))
-    net = show.build_net(ckpt, opts, provider, torch.device("cpu"))
+    net = show.build_net(ckpt, provider, torch.device("cpu"))
     batch = provider.get_next_batch()
     labels = batch.mats[1].long().numpy()
     rows, probs = show.pick_cases(net, batch.mats, "probs", labels, True, 6)

@@ -6,6 +6,6 @@ one place that decides which families exist, so a type can never silently drop o
 
 from . import (combine, conv, cost, data, dropout, fc, imageops, neuron, norm,  # noqa: F401
                pool)
-from .base import REGISTRY, BuildContext, Layer, WeightLayer, register
+from .base import REGISTRY, BuildContext, Layer, WeightLayer, register, weight_owner
 
-__all__ = ["REGISTRY", "BuildContext", "Layer", "WeightLayer", "register"]
+__all__ = ["REGISTRY", "BuildContext", "Layer", "WeightLayer", "register", "weight_owner"]

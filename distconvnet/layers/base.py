@@ -37,11 +37,13 @@ def register(type_name):
 
 
 class BuildContext:
-    """What a layer may know about the world at build time: the data provider's dimensions."""
+    """What a layer may know about the world at build time: the data provider's dimensions, and
+    whether its cfg text comes from a checkpoint (see `WeightLayer.make_weights`)."""
 
-    def __init__(self, data_dims, num_classes=None):
+    def __init__(self, data_dims, num_classes=None, from_checkpoint=False):
         self.data_dims = data_dims          # callable: dataIdx -> int, raises KeyError if absent
         self.num_classes = num_classes      # int or None when unknown (e.g. `summary`)
+        self.from_checkpoint = from_checkpoint
 
 
 class Layer(nn.Module):
@@ -144,6 +146,15 @@ class Layer(nn.Module):
         return value
 
 
+def weight_owner(layers, name, index):
+    """(layer name, index) of the matrix that `name`'s matrix `index` takes through weightSource,
+    following chains; the matrix itself when its layer owns it. `layers` maps names to layers;
+    sources are earlier matrices (model.py checks), so the chain ends."""
+    while layers[name].weight_sources[index] is not None:
+        name, index = layers[name].weight_sources[index]
+    return name, index
+
+
 class WeightLearning:
     """Per-layer learning hyper-parameters from the layer-params file (spec §5)."""
 
@@ -173,14 +184,21 @@ class WeightLayer(Layer):
     needs_params = True
     has_norm_constraint = False   # conv: wcNormMax / wcNormMin are accepted
 
-    def make_weights(self, sec, shapes, bias_shape):
-        """Create weights[i] (torch shapes) and biases, initialised as the cfg says (spec §4.5)."""
+    def make_weights(self, sec, ctx, shapes, bias_shape):
+        """Create weights[i] (torch shapes) and biases, initialised as the cfg says (spec §4.5).
+
+        initWFunc/initBFunc import and call Python code, so a cfg file that names them is code,
+        as in the original: they run only for the files given on the command line. A net rebuilt
+        from a checkpoint takes its weights from the checkpoint, and the cfg text stored there is
+        data: its init functions are read but neither imported nor called."""
         n = len(shapes)
         self.weight_sources = self._parse_weight_sources(sec, n)
         init_w = sec.list("initW", n, float, 0.01, what="a number")
         init_b = sec.float("initB", 0.0)
         w_func = sec.str("initWFunc", None)
         b_func = sec.str("initBFunc", None)
+        if ctx.from_checkpoint:
+            w_func = b_func = None
         self.weights = nn.ParameterList()
         for i, shape in enumerate(shapes):
             if w_func:

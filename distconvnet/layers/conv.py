@@ -216,8 +216,8 @@ class ConvLayer(WindowedWeightLayer):
         self.shared_biases = sec.bool("sharedBiases", True)
         bias_shape = ((self.filters,) if self.shared_biases
                       else (self.filters, self.modules_x, self.modules_x))
-        self.make_weights(sec, [(w.filters * w.groups, w.filter_channels, w.filter_size,
-                                 w.filter_size) for w in self.windows], bias_shape)
+        self.make_weights(sec, ctx, [(w.filters * w.groups, w.filter_channels, w.filter_size,
+                                      w.filter_size) for w in self.windows], bias_shape)
 
     def forward(self, *xs):
         # Autocast is what separates the fast path from the bit-for-bit fp32 reference path
@@ -258,8 +258,8 @@ class LocalLayer(WindowedWeightLayer):
     def parse(self, sec, inputs, ctx):
         self.parse_windows(sec, inputs)
         modules = self.modules_x * self.modules_x
-        self.make_weights(sec, [(modules, w.groups, w.filter_channels * w.filter_size ** 2,
-                                 w.filters) for w in self.windows],
+        self.make_weights(sec, ctx, [(modules, w.groups, w.filter_channels * w.filter_size ** 2,
+                                      w.filters) for w in self.windows],
                           (self.filters, self.modules_x, self.modules_x))
 
     def forward(self, *xs):

@@ -24,7 +24,8 @@ class FullyConnectedLayer(WeightLayer):
 
     def parse(self, sec, inputs, ctx):
         self.outputs = self.check_range(sec, "outputs", sec.int("outputs"), 1)
-        self.make_weights(sec, [(self.outputs, inp.outputs) for inp in inputs], (self.outputs,))
+        self.make_weights(sec, ctx, [(self.outputs, inp.outputs) for inp in inputs],
+                          (self.outputs,))
 
     def forward(self, *xs):
         out = F.linear(xs[0].flatten(1), self.weights[0], self.biases)
@@ -60,8 +61,9 @@ class SplitFullyConnectedLayer(WeightLayer):
             if inp.outputs % self.parts:
                 raise sec.error(f"input '{inp.name}' has {inp.outputs} outputs per case, which "
                                 f"is not divisible by parts={self.parts}", "parts")
-        self.make_weights(sec, [(self.parts, inp.outputs // self.parts, self.outputs_per_part)
-                                for inp in inputs], (self.outputs,))
+        self.make_weights(sec, ctx, [(self.parts, inp.outputs // self.parts,
+                                      self.outputs_per_part) for inp in inputs],
+                          (self.outputs,))
 
     def output_words(self):
         return f"{self.outputs} outputs in {self.parts} parts"

@@ -500,7 +500,8 @@ class PassSchedule:
             holders = self.holders[group["layer"]]
             if len(holders) > 1 and self.local[group["layer"]] and \
                     optimizer.state[param]["pending"] + 1 >= group["update_period"]:
-                buckets.setdefault(holders, {}).setdefault(param.dtype, []).append(param)
+                buckets.setdefault(holders, {}).setdefault(param.dtype, []).extend(
+                    [param, *optimizer.receivers(param)])
         for holders in self.rank_sets:
             for params in buckets.get(holders, {}).values():
                 flat, views = _flat_views(params)
@@ -542,7 +543,7 @@ class PassSchedule:
             holders = self.holders[group["layer"]]
             if len(holders) < self.placement.world_size:
                 buckets.setdefault((holders[0], param.dtype), []).extend(
-                    [param, optimizer.increment(param)])
+                    [param, *optimizer.receivers(param), optimizer.increment(param)])
         for (owner, _), tensors in buckets.items():
             flat, views = _flat_views(tensors)
             if self.rank == owner:

@@ -116,6 +116,24 @@ def test_inline_neuron_becomes_a_layer_named_after_its_host(tmp_path):
     assert np.isclose(net([x]).objective.item(), expected.sum())
 
 
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_an_inline_neuron_takes_a_free_name_where_a_layer_has_its_own(tmp_path, order):
+    taken = "[join_neuron]\ntype=concat\ninputs=data\n\n"
+    host = "[join]\ntype=concat\ninputs=data\nneuron=abs\n\n"
+    layer_def = tmp_path / "layers.cfg"
+    layer_def.write_text("[data]\ntype=data\ndataIdx=0\n\n" +
+                         (taken + host if order == "before" else host + taken) +
+                         "[both]\ntype=concat\ninputs=join,join_neuron\n\n"
+                         "[sq]\ntype=cost.sum2\ninputs=both\n")
+    layer_params = tmp_path / "params.cfg"
+    layer_params.write_text("[sq]\ncoeff=1\n")
+    net = ConvNet(str(layer_def), str(layer_params), BuildContext(lambda idx: 6))
+    assert net.layers["join_neuron_1"].input_names == ["join"]
+    assert net.layers["both"].input_names == ["join_neuron_1", "join_neuron"]
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert np.isclose(net([x]).objective.item(), 2 * (x ** 2).sum().item())
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 

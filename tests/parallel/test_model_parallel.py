@@ -313,15 +313,33 @@ def bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+# The 2-GPU hybrid whose conv2 reads pool1 twice, its second matrix taken from its first
+# (weightSource): a data-parallel layer whose receiving copy's gradient the ranks sum too.
+SHARED = "test-2gpu-hybrid-shared"
+
+
+def net_files(net):
+    """(the net of layers/ that `net` is, its layer-definition text or None for the file)."""
+    if net != SHARED:
+        return net, None
+    text = cfg_text("test-2gpu-hybrid", "def")
+    edited = text.replace("[conv2]\ntype=conv\ninputs=pool1\n",
+                          "[conv2]\ntype=conv\ninputs=pool1,pool1\nweightSource=,conv2\n")
+    assert edited != text
+    return "test-2gpu-hybrid", edited
+
+
 def train_net(job, world_size=1, rank=0):
     """Train `count` minibatches of `cases` of a test net (under bf16 autocast if the job says
     so); the costs, weights and increments, and what this rank saw of its transfers and of
     the layers it does not hold."""
     net, period, count, cases, *precision = job
+    net, layer_def = net_files(net)
     autocast = bf16 if precision == ["bf16"] else contextlib.nullcontext
     if period == "passes":
         period = HYBRIDS[net][0] if net in HYBRIDS else 1
-    model = build(net, params=no_dropout(with_update_period(cfg_text(net, "params"), period)))
+    model = build(net, params=no_dropout(with_update_period(cfg_text(net, "params"), period)),
+                  layer_def=layer_def)
     initial = weights(model)
     plan = Plan(nodes_of(model))
     schedule = PassSchedule(model, plan, world_size=world_size, rank=rank)
@@ -379,7 +397,8 @@ def run_spmd(world_size, jobs, out_dir):
 SPMD_JOBS = {
     2: [("test-2gpu-model", None, 3, 16), ("test-2gpu-hybrid", 1, 3, 16),
         ("test-2gpu-hybrid", None, 3, 13), ("test-4gpu-data-model", 1, 2, 16),
-        ("test-4gpu-data-model", None, 2, 3), ("test-2gpu-hybrid", 1, 2, 16, "bf16")],
+        ("test-4gpu-data-model", None, 2, 3), ("test-2gpu-hybrid", 1, 2, 16, "bf16"),
+        (SHARED, 1, 2, 16)],
     4: [("test-4gpu-data-model", 1, 3, 16), ("test-4gpu-data-model", None, 3, 13),
         ("test-4gpu-data-model", "passes", 2, 16), ("test-2gpu-model", None, 3, 16),
         ("test-2gpu-hybrid", 1, 3, 16), ("test-2gpu-hybrid", None, 2, 13)],
