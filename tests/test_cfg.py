@@ -73,3 +73,13 @@ def test_syntax_errors(tmp_path, text, line, words):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         read_cfg(str(tmp_path / "nope.cfg"))
+
+
+def test_a_missing_key_is_named_as_the_docs_spell_it(tmp_path):
+    """Keys match in any case, but the error says 'momW', not 'momw'."""
+    path = write(tmp_path, "[conv1]\nepsW=0.01\nMOMB=0.9\n")
+    conv = read_cfg(path).get("conv1")
+    assert conv.float("momB") == 0.9
+    with pytest.raises(ConfigError, match=rf"^{path}:1: layer 'conv1': missing required key "
+                                          r"'momW'$"):
+        conv.float("momW")
