@@ -110,10 +110,15 @@ def process_task(task):
 # Finding the images. A ref is (container path, offset, size, display name, label).
 
 
+def is_ilsvrc(src):
+    """Whether src holds the ILSVRC-2012 tars (else a train/<class>/ tree)."""
+    return (Path(src) / TRAIN_TAR).is_file()
+
+
 def find_dataset(src, progress):
     """(label_names, training refs, validation refs) from either kind of source directory."""
     src = Path(src)
-    if (src / TRAIN_TAR).is_file():
+    if is_ilsvrc(src):
         return _ilsvrc_dataset(src, progress)
     if (src / "train").is_dir():
         return _folder_dataset(src, progress)
@@ -170,7 +175,8 @@ def _read_devkit(path):
     try:
         from scipy.io import loadmat
     except ImportError:
-        raise DataError(f"{path}: reading data/meta.mat needs scipy (pip install scipy)") from None
+        raise DataError(f"{path}: reading data/meta.mat needs scipy (pip install scipy, the "
+                        f"[imagenet-tars] extra)") from None
     with tarfile.open(path, "r:gz") as tar:
         files = {m.name.split("/", 1)[-1]: m for m in tar if m.isfile()}
         missing = [name for name in (META_MAT, VAL_TRUTH) if name not in files]
@@ -341,13 +347,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src-dir", required=True, help="ILSVRC-2012 tars or train/, val/ tree")
     parser.add_argument("--tgt-dir", required=True, help="output directory (created if missing)")
-    parser.add_argument("--batch-size", type=int, default=3072, help="images per data batch")
+    parser.add_argument("--batch-size", type=int, default=3072,
+                        help="images per data batch (default: %(default)s)")
     parser.add_argument("--sub-batch-size", type=int, default=1024,
-                        help="images per sub-batch file")
-    parser.add_argument("--image-size", type=int, default=256, help="output side in pixels")
+                        help="images per sub-batch file (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="output side in pixels (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="worker processes (default: all cores)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the training shuffle")
+                        help="worker processes (default: all cores, %(default)s here)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the training shuffle (default: %(default)s)")
     args = parser.parse_args(argv)
     for name in ("batch_size", "sub_batch_size", "image_size", "jobs"):
         if getattr(args, name) < 1:
@@ -362,7 +371,9 @@ def main(argv=None):
         print(f"make_batches: {e}", file=sys.stderr)
         return 1
     print(line)
-    print(f"All done! ILSVRC 2012 batches are in {args.tgt_dir}")
+    # make-data.py's closing line (spec §9.3), naming ILSVRC 2012 only when that was the source
+    kind = "ILSVRC 2012 batches" if is_ilsvrc(args.src_dir) else "Batches"
+    print(f"All done! {kind} are in {args.tgt_dir}")
     return 0
 
 

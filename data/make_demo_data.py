@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from distconvnet.errors import DataError
 from distconvnet.providers.batches import write_batch, write_meta
@@ -30,6 +29,11 @@ DEFAULT_TGT = Path(__file__).resolve().parent / "demo-cifar"
 
 def digit_columns():
     """(3072, 1797) uint8, one channel-major RGB 32x32 image per column, and the labels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the digits come with scikit-learn, which is not installed: pip "
+                        "install scikit-learn (the [test] extra)") from None
     digits = load_digits()
     grey = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)     # pixel values 0..16
     enlarged = np.stack([np.asarray(Image.fromarray(img).resize((IMG_SIZE, IMG_SIZE),
@@ -68,7 +72,8 @@ def build(tgt):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tgt", default=str(DEFAULT_TGT), help="output directory")
+    parser.add_argument("--tgt", default=str(DEFAULT_TGT),
+                        help="output directory (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         total, num_test = build(args.tgt)

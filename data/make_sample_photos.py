@@ -1,12 +1,13 @@
 """Write a folder tree of real photographs for tests and benchmarks, with no download.
 
-    python data/make_sample_photos.py --tgt DIR [--train N] [--val N] [--classes K] [--seed S]
+    python data/make_sample_photos.py --tgt DIR [--train N] [--val N] [--classes 10] [--seed S]
 
 The photos bundled with scikit-learn (china.jpg, flower.jpg) and matplotlib (grace_hopper.jpg)
 are cut into random crops of varied scale, position and mirroring, saved as JPEG in the
 `train/<class>/`, `val/<class>/` layout that data/make_batches.py reads. Each class is one
 source photo (with more classes than photos, photos repeat), so with up to three classes a
-net can actually learn the task. Real image statistics, made in seconds.
+net can actually learn the task; the default, 10 classes, is what the shipped CIFAR-sized cfgs
+expect (the ImageNet ones expect 1000). Real image statistics, made in seconds.
 """
 
 import argparse
@@ -38,13 +39,18 @@ def random_crop(photo, rng, size):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tgt", required=True)
-    parser.add_argument("--train", type=int, default=300, help="training photos in all")
-    parser.add_argument("--val", type=int, default=60, help="validation photos in all")
-    parser.add_argument("--classes", type=int, default=3,
-                        help="class k is cut from source photo k mod the number of photos")
-    parser.add_argument("--size", type=int, default=320, help="side of each saved photo")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tgt", required=True, help="output directory (created if missing)")
+    parser.add_argument("--train", type=int, default=300,
+                        help="training photos in all (default: %(default)s)")
+    parser.add_argument("--val", type=int, default=60,
+                        help="validation photos in all (default: %(default)s)")
+    parser.add_argument("--classes", type=int, default=10,
+                        help="class k is cut from source photo k mod the number of photos; "
+                             "10 is what the CIFAR-sized cfgs expect (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=320,
+                        help="side of each saved photo (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the crops (default: %(default)s)")
     parser.add_argument("--src", nargs="*", help="photos to cut (default: the bundled ones)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)

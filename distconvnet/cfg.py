@@ -38,10 +38,11 @@ class Section:
         return ConfigError(message, self.path, line, self.name)
 
     def raw(self, key, default=REQUIRED):
-        key = key.lower()
-        self._used.add(key)
-        if key in self._values:
-            return self._values[key]
+        # Keys match case-insensitively; an error names the key as the layer's docs spell it.
+        folded = key.lower()
+        self._used.add(folded)
+        if folded in self._values:
+            return self._values[folded]
         if default is REQUIRED:
             raise self.error(f"missing required key '{key}'")
         return default

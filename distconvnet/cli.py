@@ -2,11 +2,11 @@
 
     python convnet.py ...                 (the original's command line; same as `train`)
     python -m distconvnet [train] ...
-    python -m distconvnet summary --layer-def F --layer-params P [--inner-size N]
+    python -m distconvnet summary --layer-def F --layer-params P --inner-size N
     python -m distconvnet show --load-file DIR ...   (python shownet.py ...: plots as PNG files)
+    python -m distconvnet bench ... | bench_scaling ...
 """
 
-import argparse
 import sys
 
 from .errors import DistconvnetError
@@ -53,9 +53,12 @@ def _wants_debug(argv):
 
 def train_command(argv):
     from . import options, report
-    # The original printed its usage table for no arguments; -h and --help do too here.
+    # The original printed its usage table for no arguments; -h and --help do too here, and
+    # then name the other commands.
     if not argv or any(arg in HELP_FLAGS for arg in argv):
         print(options.usage_text(bold=sys.stdout.isatty()))
+        print()
+        print(commands_text())
         return 0
     import torch
     from .evaluate import test_only
@@ -93,54 +96,23 @@ def train_command(argv):
 
 
 def check_grads_command(plan):
-    """--check-grads 1: one block per matrix, the tally, and exit status 1 if any failed."""
-    from .gradcheck import check_from_options, summary_line
-    results = check_from_options(plan.opts, plan.state)
-    for result in results:
-        for line in result.lines():
-            print(line)
+    """--check-grads 1: one block per matrix as soon as it is checked, the tally, and exit
+    status 1 if any failed."""
+    from .gradcheck import check_gradients, intro_lines, prepare_from_options, summary_line
+    model, mats = prepare_from_options(plan.opts, plan.state)
+    for line in intro_lines(model, mats):
+        print(line, flush=True)
+    results = []
+    for result in check_gradients(model, mats):
+        results.append(result)
+        print("\n".join(result.lines()), flush=True)
     print(summary_line(results))
     return 0 if all(r.passed for r in results) else 1
 
 
 def summary_command(argv):
-    from .layers import BuildContext
-    from .model import ConvNet
-    parser = argparse.ArgumentParser(
-        prog="distconvnet summary",
-        description="Build a net from its cfg files and print the original's layer lines.")
-    parser.add_argument("--layer-def", required=True)
-    parser.add_argument("--layer-params", required=True)
-    parser.add_argument("--inner-size", type=int, default=224,
-                        help="crop size of the data layer's images (224 ImageNet, 24 CIFAR)")
-    parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="number of classes of the data (checked against the softmax)")
-    parser.add_argument("--world-size", type=int, default=None, metavar="N",
-                        help="also show, per layer, its replicas (gpu=) and which of N "
-                             "processes runs each (spec §8)")
-    parser.add_argument("--debug", action="store_true")
-    args = parser.parse_args(argv)
-    dims = {0: args.channels * args.inner_size ** 2, 1: 1}
-    if args.num_classes:
-        dims[2] = args.num_classes
-    model = ConvNet(args.layer_def, args.layer_params,
-                    BuildContext(dims.__getitem__, args.num_classes))
-    for warning in model.warnings:
-        print(f"warning: {warning}")
-    for line in model.init_lines():
-        print(line)
-    print(f"Trainable parameters: {model.num_parameters():,}")
-    if args.world_size is not None:
-        from .parallel.plan import Plan, nodes_of
-        plan = Plan(nodes_of(model))
-        placement = plan.placement(args.world_size)
-        print(f"Passes per minibatch: {plan.num_passes} (replicas: {plan.min_replicas} to "
-              f"{plan.max_replicas}); {args.world_size} process(es) = "
-              f"{placement.data_groups} data-parallel group(s) of {placement.group_size}")
-        for line in placement.describe():
-            print(line)
-    return 0
+    from . import summary
+    return summary.main(argv)
 
 
 def show_command(argv):
@@ -154,4 +126,30 @@ def show_command(argv):
     return 0
 
 
-COMMANDS = {"train": train_command, "summary": summary_command, "show": show_command}
+def bench_command(argv):
+    from . import bench
+    return bench.main(argv)
+
+
+def bench_scaling_command(argv):
+    from . import bench_scaling
+    return bench_scaling.main(argv)
+
+
+COMMANDS = {"train": train_command, "summary": summary_command, "show": show_command,
+            "bench": bench_command, "bench_scaling": bench_scaling_command}
+# What `--help` lists after the training options: (command, what it does).
+COMMAND_HELP = [
+    ("train", "train or test a net: the options above (the default; python convnet.py ...)"),
+    ("summary", "a net's layers, output sizes and parameter count, from its cfg files"),
+    ("show", "plot a checkpoint: cost curves, filters, predictions (python shownet.py ...)"),
+    ("bench", "our trainer against the plain PyTorch scripts, side by side"),
+    ("bench_scaling", "images/s on 1, 2, 4, 8 GPUs, strong and weak scaling"),
+]
+
+
+def commands_text():
+    width = max(len(name) for name, _ in COMMAND_HELP)
+    return "\n".join(["Commands: python -m distconvnet COMMAND [options] "
+                      "(COMMAND --help for its options)"] +
+                     [f"    {name.ljust(width)}  {text}" for name, text in COMMAND_HELP])

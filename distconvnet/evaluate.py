@@ -104,6 +104,7 @@ def test_only(session):
             write_predictions_file(session, batch, acts[probs])
         console.line(report.test_only_batch_line(batch.batchnum, session.raw_sums(sums), cases,
                                                  seconds))
+        console.line(report.test_only_batch_costs(session.printed_costs(sums, cases)))
 
     sums, cases = run_test(session, session.all_test_batches(), on_batch, keep)
     console.write(report.test_only_block(session.printed_costs(sums, cases),

@@ -55,7 +55,8 @@ def summary_writer_class():
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise OptionError("--tensorboard needs the 'tensorboard' package, which is not "
-                          "installed (pip install tensorboard)") from None
+                          "installed (pip install tensorboard, the [tensorboard] extra)"
+                          ) from None
     return SummaryWriter
 
 

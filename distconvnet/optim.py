@@ -34,10 +34,11 @@ and a use whose own epsW base is 0 adds nothing (its layer computed no weight gr
 Speed: a step groups the due matrices by equal (μ, ε/Nnom, λ·ε) and updates each bucket with
 torch._foreach_* ops, a few kernel launches per bucket, and never reads a value back to the host.
 With `fused` (CUDA and torch.compile), a step in which every learned matrix is due, has a
-gradient and no weightSource receiver runs one compiled kernel per matrix instead, which reads W, inc and the gradient once
-and writes W and inc once: the foreach ops' eleven passes over the weights took a fifth of an
-imagenet-1gpu step at --mini 128 (BENCHMARKS.md, 2026-12-04). Its (μ, −ε/Nnom, −λ·ε) live in a
-device tensor rewritten when the schedules move, so a new rate costs no recompilation.
+gradient and no weightSource receiver runs one compiled kernel per matrix instead, which reads
+W, inc and the gradient once and writes W and inc once: the foreach ops' eleven passes over the
+weights took a fifth of an imagenet-1gpu step at --mini 128 (BENCHMARKS.md, 2026-12-04). Its
+(μ, −ε/Nnom, −λ·ε) live in a device tensor rewritten when the schedules move, so a new rate
+costs no recompilation.
 """
 
 import math

@@ -11,11 +11,14 @@ caller writes them back to back with Console.write and gets the original's outpu
     test event:      batch_prefix + cost_line + test_block + weight_block + saved_block
                      + seconds_suffix + "\\n"
     NaN cost:        batch_prefix + cost_line + nan_suffix + "\\n", then stop
-    test-only run:   test_only_batch_line + "\\n" per batch, then test_only_block
+    test-only run:   test_only_batch_line + "\\n" + test_only_batch_costs + "\\n" per batch,
+                     then test_only_block
 
 Deliberate differences from the original:
 * seconds_suffix may add our throughput after the seconds, ` (8.428 sec) [364.5 img/s]`, so the
   original's line stays a prefix of ours.
+* In --test-only runs, each batch's line of raw sums is followed by our line of its costs per
+  case, as a training batch prints them: `    logprob:  0.265436, 0.077441, 0.077441`.
 * The banner says `Using PyTorch <version>` where the original said
   `Importing cudaconvnet._ConvNet C++ module`, and `Running on the CPU` when there is no CUDA.
 * Several costs print in the net's order; Python 2 printed them in dict-hash order.
@@ -123,6 +126,11 @@ def test_only_batch_line(batchnum, raw_sums, num_cases, seconds):
     output = ({str(name): [float(v) for v in values] for name, values in raw_sums.items()},
               int(num_cases))
     return "batch %d: %r (%.3f sec)" % (batchnum, output, seconds)
+
+
+def test_only_batch_costs(costs):
+    """Ours, under each test_only_batch_line: the batch's costs per case, indented."""
+    return "    " + cost_line(costs)
 
 
 def test_only_block(costs, weight_rows):

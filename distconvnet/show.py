@@ -152,6 +152,17 @@ def per_batch_test_values(test_values, num_batches, test_freq):
     return test_values[np.minimum(held, len(test_values) - 1)]
 
 
+def value_names(ckpt, name, count):
+    """What each value of a cost is, for the panels' titles: a logreg cost's are the mean
+    -log p(label) and the top-1 and top-k error rates; other costs' values are numbered."""
+    section = read_cfg("(checkpoint layer-def)", ckpt["layer_def"]).get(name)
+    if section is not None and section.str("type", "") == "cost.logreg" and count == 3:
+        params = read_cfg("(checkpoint layer-params)", ckpt["layer_params"]).get(name)
+        topk = params.int("topk", 1) if params is not None else 1
+        return ["logprob", "top-1 error", f"top-{topk} error"]
+    return [f"{name}[{i}]" for i in range(count)]
+
+
 def plot_cost(ckpt, opts, name, cost_idx, smooth, save_dir):
     train, test = ckpt["train_outputs"], ckpt["test_outputs"]
     if not train:
@@ -165,6 +176,7 @@ def plot_cost(ckpt, opts, name, cost_idx, smooth, save_dir):
         raise OptionError(f"--cost-idx {cost_idx}: cost '{name}' has {count} values "
                           f"(0-{count - 1})")
     indices = range(count) if cost_idx is None else [cost_idx]
+    titles = value_names(ckpt, name, count)
     per_epoch = len(opts.train_batch_range)
     window = len(opts.test_batch_range) if smooth and opts.test_one else 1
     x = np.arange(1, len(train) + 1) / per_epoch
@@ -177,7 +189,7 @@ def plot_cost(ckpt, opts, name, cost_idx, smooth, save_dir):
             values = smoothed_test_values(test, name, idx, window)
             ax.plot(x, per_batch_test_values(values, len(train), opts.testing_freq), "r-",
                     drawstyle="steps-pre", label="Test set")
-        ax.set_title(f"{name}[{idx}]")
+        ax.set_title(titles[idx])
         ax.set_ylabel(name)
         ax.grid(True, alpha=0.3)
         ax.legend()

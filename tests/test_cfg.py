@@ -96,3 +96,12 @@ def test_an_all_indented_layer_file_is_one_error_line(digit_cifar, tmp_path):
     result = run_in_process(tiny_args(digit_cifar, tmp_path / "save", layer_def=layer_def))
     assert_one_error_line(*result, f"{layer_def}:{first}:", "indented line '[data]'")
 
+
+def test_a_missing_key_is_named_as_the_docs_spell_it(tmp_path):
+    """Keys match in any case, but the error says 'momW', not 'momw'."""
+    path = write(tmp_path, "[conv1]\nepsW=0.01\nMOMB=0.9\n")
+    conv = read_cfg(path).get("conv1")
+    assert conv.float("momB") == 0.9
+    with pytest.raises(ConfigError, match=rf"^{path}:1: layer 'conv1': missing required key "
+                                          r"'momW'$"):
+        conv.float("momW")

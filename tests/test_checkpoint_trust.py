@@ -100,7 +100,7 @@ def assert_one_error_line(status, stderr, *words):
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_stored_init_functions_are_neither_imported_nor_called(entry, tiny_run, tmp_path,
-                                                              probe):
+                                                               probe):
     run_dir = tampered(tiny_run, tmp_path, layer_def_edit(
         FC10, FC10 + f"initWFunc={PROBE}.makew()\ninitBFunc={PROBE}.makeb()\n"))
     status, stdout, stderr = run(command(entry, run_dir, tmp_path))

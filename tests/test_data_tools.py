@@ -108,3 +108,16 @@ def test_demo_data_are_real_digits_that_the_cifar_provider_loads(tmp_path, capsy
     labels = torch.cat([train.get_next_batch().mats[1] for _ in range(4)] + [batch.mats[1]])
     assert torch.bincount(labels.long(), minlength=10).min() > 100    # every class in training
     assert test.get_next_batch().mats[1].shape == (297,)
+
+
+@pytest.mark.parametrize("name", ["make_batches", "make_sample_photos", "make_demo_data"])
+def test_help_shows_the_defaults(name, capsys):
+    with pytest.raises(SystemExit):
+        load_tool(name).main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())     # argparse wraps the help text
+    expected = {"make_batches": ["images per data batch (default: 3072)",
+                                 "seed of the training shuffle (default: 0)"],
+                "make_sample_photos": ["(default: 10)", "training photos in all (default: 300)"],
+                "make_demo_data": ["output directory (default: "]}[name]
+    for text in expected:
+        assert text in out

@@ -1,5 +1,10 @@
 """--check-grads 1 (spec §9.4) and --deterministic 1."""
 
+import contextlib
+import io
+import re
+from unittest import mock
+
 import pytest
 import torch
 
@@ -115,3 +120,46 @@ def test_deterministic_option_turns_on_deterministic_algorithms(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+def test_each_matrix_is_printed_as_soon_as_it_is_checked(smooth_net, monkeypatch):
+    """The check takes minutes on bigger nets: every block shows before the next matrix starts,
+    with its element count and time, after a first line that says how much work is ahead."""
+    from distconvnet import gradcheck
+    out = io.StringIO()
+    printed_before_each = []
+    numeric = gradcheck._numeric
+
+    def recording_numeric(*args):
+        printed_before_each.append(out.getvalue())
+        return numeric(*args)
+
+    monkeypatch.setattr(gradcheck, "_numeric", recording_numeric)
+    with contextlib.redirect_stdout(out):
+        assert cli.main(smooth_net) == 0
+    # conv1: 4 filters of 3x3x3; fc10: 10 outputs of 4x4x4 inputs; biases: 4 and 10
+    assert printed_before_each[0].splitlines() == [
+        "Checking 4 weight matrices and bias vectors: 762 elements, one forward pass of 7 "
+        "cases each"]
+    assert printed_before_each[1].splitlines()[1:] == [
+        "PASS conv1 weights[0] GRADIENT CHECK", mock.ANY, mock.ANY]
+    assert "PASS fc10 weights[0] GRADIENT CHECK" in printed_before_each[3]
+    assert re.fullmatch(r"    108 elements, \d+\.\d{3} sec", printed_before_each[1].splitlines()[3])
+
+
+def test_a_net_with_kinks_is_named_up_front(smooth_net, tmp_path, capsys):
+    (tmp_path / "def.cfg").write_text(
+        SMOOTH_DEF.replace("neuron=tanh[1,1]", "neuron=relu").replace(
+            "[fc10]", "[pool1]\ntype=pool\npool=max\ninputs=conv1\nsizeX=2\nstride=2\n"
+                      "channels=4\n\n[fc10]").replace("inputs=conv1\noutputs", "inputs=pool1\n"
+                                                                                 "outputs"))
+    cli.main(smooth_net)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("warning: conv1_neuron (relu), pool1 (max) are not smooth: ")
+    assert lines[2] == "PASS conv1 weights[0] GRADIENT CHECK" or \
+        lines[2] == "****FAIL**** conv1 weights[0] GRADIENT CHECK"
+
+
+def test_a_smooth_net_gets_no_warning(smooth_net, capsys):
+    cli.main(smooth_net)
+    assert not any(line.startswith("warning:") for line in capsys.readouterr().out.splitlines())

@@ -93,7 +93,7 @@ def test_folder_tree_batches_meta_and_console(tree_output, capfd):
     assert f"Wrote {root / 'out' / 'data_batch_1000'} (validation batch 1 of 1)" in out
     assert ("8 training images in batches 0-1, 3 validation images in batches 1000-1000; "
             "1 unreadable image skipped") in out
-    assert lines[-1] == f"All done! ILSVRC 2012 batches are in {root / 'out'}"
+    assert lines[-1] == f"All done! Batches are in {root / 'out'}"
 
     assert list_batches(root / "out") == [0, 1, 1000]
     assert sorted(p.name for p in (root / "out" / "data_batch_0").iterdir()) == [
@@ -194,6 +194,7 @@ def test_ilsvrc_tars(tmp_path, capfd):
     assert run_tool(tool, src, tmp_path / "out") == 0
     out = capfd.readouterr().out
     assert "Loaded synset tars." in out and "0% ..." in out
+    assert out.splitlines()[-1] == f"All done! ILSVRC 2012 batches are in {tmp_path / 'out'}"
     meta = load_meta(tmp_path / "out")
     assert meta["label_names"] == ["tench, Tinca tinca", "dog, domestic dog"]
     train = [read_batch(tmp_path / "out", n) for n in (0, 1)]

@@ -128,7 +128,7 @@ def test_tensorboard_without_the_package_is_one_line_at_startup(data, tmp_path):
     status, stdout, stderr = train_with_tensorboard(data, tmp_path)
     assert status == 1
     assert stderr == ("error: --tensorboard needs the 'tensorboard' package, which is not "
-                      "installed (pip install tensorboard)\n")
+                      "installed (pip install tensorboard, the [tensorboard] extra)\n")
     assert not batch_ids(stdout)
 
 

@@ -107,7 +107,8 @@ def test_summary_of_the_imagenet_net(monkeypatch):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         status = cli.main(["summary", "--layer-def", "layers/layers-imagenet-1gpu.cfg",
-                           "--layer-params", "layers/layer-params-imagenet-1gpu.cfg"])
+                           "--layer-params", "layers/layer-params-imagenet-1gpu.cfg",
+                           "--inner-size", "224"])
     assert status == 0
     lines = out.getvalue().splitlines()
     for expected in [
@@ -124,6 +125,7 @@ def test_summary_of_the_imagenet_net(monkeypatch):
             "Initialized fully-connected layer 'fc1000' on GPUs 0, producing 1000 outputs",
             "Initialized logistic regression cost 'logprob' on GPUs 0"]:
         assert expected in lines
-    assert all(line.startswith("Initialized ") for line in lines[:-1])
+    assert lines[0] == "Input: 224x224 3-channel images (from --inner-size)"
+    assert all(line.startswith("Initialized ") for line in lines[1:-1])
     assert imagenet_1gpu_parameters() == 61_100_840
     assert lines[-1] == f"Trainable parameters: {imagenet_1gpu_parameters():,}"

@@ -61,6 +61,13 @@ def test_one_value_of_a_cost(run, tmp_path):
     assert count_color(image, (255, 0, 0), tolerance=40) > 100
 
 
+def test_a_logreg_costs_panels_are_named_by_what_they_show(run, tmp_path):
+    ckpt = checkpoint.load(run.run_dir)
+    assert show.value_names(ckpt, "logprob", 3) == ["logprob", "top-1 error", "top-1 error"]
+    ckpt["layer_params"] = ckpt["layer_params"].replace("topk=1", "topk=5")
+    assert show.value_names(ckpt, "logprob", 3) == ["logprob", "top-1 error", "top-5 error"]
+
+
 def test_test_values_are_held_over_the_batches_they_follow():
     values = np.array([1.0, 2.0, 3.0])
     # events after batches 2 and 4, and the final test after batch 5

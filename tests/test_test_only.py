@@ -109,6 +109,19 @@ def check_against(stdout, expected):
     return totals
 
 
+def test_each_batch_line_is_followed_by_its_costs_per_case(saved):
+    status, stdout, stderr = run_in_process(["--load-file", saved, "--test-only", "1"])
+    assert status == 0, stderr
+    lines = stdout.splitlines()
+    for batchnum, (sums, cases) in printed_batches(stdout).items():
+        after = lines[lines.index(next(line for line in lines
+                                       if line.startswith(f"batch {batchnum}: "))) + 1]
+        name, values = after.split(":  ")
+        assert name == "    logprob"
+        np.testing.assert_allclose([float(v) for v in values.split(", ")], sums / cases,
+                                   atol=1e-6)
+
+
 def checkpoint_files(directory):
     return {n: (directory / n).read_bytes() for n in os.listdir(directory) if n[0].isdigit()}
 

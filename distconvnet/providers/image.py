@@ -38,7 +38,8 @@ def _dali():
     try:
         from nvidia.dali import fn, pipeline, types
     except ImportError:
-        raise DataError("the image provider needs NVIDIA DALI (nvidia-dali-cuda130)") from None
+        raise DataError("the image provider needs NVIDIA DALI, which is not installed: pip "
+                        "install nvidia-dali-cuda130 (the [image] extra)") from None
     return fn, pipeline, types
 
 

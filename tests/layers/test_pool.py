@@ -208,7 +208,7 @@ POOL_ERRORS = [  # (cfg text, key, fragment), input 3 channels of 6x6
     (pool_cfg(outputsX=4), "outputsX", "would start at pixel 6"),
     (pool_cfg("max", sum=1), "sum", "only to pool=avg"),
     (pool_cfg(channels=5), "channels", "not channels=5 times a square image"),
-    (pool_cfg().replace("sizeX=3", ""), None, "missing required key 'sizex'"),
+    (pool_cfg().replace("sizeX=3", ""), None, "missing required key 'sizeX'"),
 ]
 
 
