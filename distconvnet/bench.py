@@ -237,7 +237,9 @@ def gpu_idle_share(run):
 
 
 def bench_jpeg(args, device):
-    from nvidia.dali import fn, pipeline_def, types as dtypes
+    from .providers.image import _dali
+    fn, _, dtypes = _dali()                # one line naming the [image] extra when it is missing
+    from nvidia.dali import pipeline_def
     from .providers import ProviderOptions, make_provider
     from .providers.batches import list_batches, load_meta, read_batch
     from . import safepickle
