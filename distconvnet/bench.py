@@ -251,6 +251,10 @@ def bench_jpeg(args, device):
     total = len(jpegs)
     per_batch = total // len(numbers)
 
+    from .providers import image
+    if args.hw_decoder_load is not None:
+        image.HW_DECODER_LOAD = args.hw_decoder_load
+
     def image_provider(mini):
         options = ProviderOptions(inner_size=224, color_noise=0.1, seed=1, device=device,
                                   minibatch=mini)
@@ -267,8 +271,9 @@ def bench_jpeg(args, device):
                   device_id=(device.index or 0) if on_cuda else None, prefetch_queue_depth=2)
     def bare():
         data = fn.external_source(source=_cycle(jpegs, 256), dtype=dtypes.UINT8)
-        images = fn.decoders.image(data, device="mixed" if on_cuda else "cpu",
-                                   output_type=dtypes.RGB)
+        images = fn.decoders.image(data, output_type=dtypes.RGB, **(
+            {"device": "mixed", "hw_decoder_load": image.HW_DECODER_LOAD} if on_cuda
+            else {"device": "cpu"}))
         return fn.crop_mirror_normalize(images, crop=(224, 224),
                                         crop_pos_x=fn.random.uniform(range=[0, 1]),
                                         crop_pos_y=fn.random.uniform(range=[0, 1]),
@@ -307,6 +312,8 @@ def bench_jpeg(args, device):
     for mini in args.minis:
         text, e2e_rate = jpeg_to_update(mini)
         print(text, flush=True)
+    if not args.pil:
+        return []
     return [line(f"JPEG batches to updates, imagenet-1gpu --mini {args.minis[-1]}: ours (DALI) "
                  f"vs plain script + PIL DataLoader", (e2e_rate, 0.0),
                  _pil_script(jpegs, meta, args, device), "PIL script")]
@@ -371,12 +378,14 @@ def header(device, precision):
         dali = "not installed"
     # the rewrite only ever runs under autocast, so an fp32 run is always without it
     space_to_depth = "on" if conv.SPACE_TO_DEPTH and precision != "fp32" else "off"
+    queues = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default")
     return (f"distconvnet.bench {time.strftime('%Y-%m-%d')} | device: {card} | torch "
             f"{torch.__version__} | DALI {dali} | ours: {precision}, conv space-to-depth "
-            f"{space_to_depth}")
+            f"{space_to_depth} | CUDA_DEVICE_MAX_CONNECTIONS {queues}")
 
 
 def main(argv=None):
+    fastpath.spread_work_queues()
     parser = argparse.ArgumentParser(prog="python -m distconvnet.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"],
@@ -390,6 +399,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=8, help="DALI threads")
     parser.add_argument("--minis", default="128,512",
                         help="(b): the --mini values of the JPEG-to-update runs")
+    parser.add_argument("--hw-decoder-load", type=float, default=None,
+                        help="(b): the share of JPEGs for the hardware decoder (default: the "
+                             "image provider's)")
+    parser.add_argument("--pil", type=int, default=1, choices=[0, 1],
+                        help="(b): also run the plain script with a PIL DataLoader")
     args = parser.parse_args(argv)
     args.minis = [int(m) for m in args.minis.split(",")]
     device = torch.device(args.device)

@@ -9,12 +9,14 @@
 
 import sys
 
+from . import fastpath
 from .errors import DistconvnetError
 
 HELP_FLAGS = ("-h", "--help")
 
 
 def main(argv=None):
+    fastpath.spread_work_queues()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     debug = _wants_debug(argv)

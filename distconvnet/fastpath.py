@@ -6,8 +6,11 @@ torch.compile by default; `--precision fp32` keeps the float32 reference path (T
 """
 
 import contextlib
+import os
 
 import torch
+
+HARDWARE_QUEUES = 32   # CUDA's maximum; its default is 8
 
 
 def resolve_precision(precision, device):
@@ -20,6 +23,15 @@ def resolve_compile(setting, device):
     if setting in ("auto", None):
         return device.type == "cuda"
     return bool(int(setting))
+
+
+def spread_work_queues():
+    """Before anything starts CUDA in this process: let CUDA map streams onto as many hardware
+    work queues as it can (unless the user chose a number). DALI decodes on some thirty streams
+    beside the trainer's; where two streams share a queue, a kernel of one waits for the kernel
+    queued ahead of it by the other, and the decoder's chains of small kernels then advance one
+    kernel per training kernel."""
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", str(HARDWARE_QUEUES))
 
 
 def use_own_stream(device):
