@@ -4,6 +4,7 @@
     python -m distconvnet [train] ...
     python -m distconvnet summary --layer-def F --layer-params P [--inner-size N]
     python -m distconvnet show --load-file DIR ...   (python shownet.py ...: plots as PNG files)
+    python -m distconvnet torchrun [torchrun's arguments] convnet.py ...   (launch/torchrun.sh)
 """
 
 import argparse
@@ -154,4 +155,10 @@ def show_command(argv):
     return 0
 
 
-COMMANDS = {"train": train_command, "summary": summary_command, "show": show_command}
+def torchrun_command(argv):
+    from .parallel.agent import torchrun_command
+    return torchrun_command(argv)
+
+
+COMMANDS = {"train": train_command, "summary": summary_command, "show": show_command,
+            "torchrun": torchrun_command}
