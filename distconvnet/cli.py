@@ -5,6 +5,7 @@
     python -m distconvnet summary --layer-def F --layer-params P --inner-size N
     python -m distconvnet show --load-file DIR ...   (python shownet.py ...: plots as PNG files)
     python -m distconvnet bench ... | bench_scaling ...
+    python -m distconvnet torchrun [torchrun's arguments] convnet.py ...   (launch/torchrun.sh)
 """
 
 import sys
@@ -138,8 +139,14 @@ def bench_scaling_command(argv):
     return bench_scaling.main(argv)
 
 
+def torchrun_command(argv):
+    from .parallel.agent import torchrun_command
+    return torchrun_command(argv)
+
+
 COMMANDS = {"train": train_command, "summary": summary_command, "show": show_command,
-            "bench": bench_command, "bench_scaling": bench_scaling_command}
+            "bench": bench_command, "bench_scaling": bench_scaling_command,
+            "torchrun": torchrun_command}
 # What `--help` lists after the training options: (command, what it does).
 COMMAND_HELP = [
     ("train", "train or test a net: the options above (the default; python convnet.py ...)"),
@@ -147,6 +154,7 @@ COMMAND_HELP = [
     ("show", "plot a checkpoint: cost curves, filters, predictions (python shownet.py ...)"),
     ("bench", "our trainer against the plain PyTorch scripts, side by side"),
     ("bench_scaling", "images/s on 1, 2, 4, 8 GPUs, strong and weak scaling"),
+    ("torchrun", "torchrun with one-line errors: what launch/torchrun.sh runs on each node"),
 ]
 
 

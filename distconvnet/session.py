@@ -30,20 +30,20 @@ class RunPlan(NamedTuple):
     opts: options.Options       # the final options (spec §3.3)
 
 
-def plan_run(argv):
+def plan_run(argv, job_restarted=None):
     """What a command line asks for, before anything is built: the parent of spawned workers
-    asks it too, to know how many to start."""
+    asks it too, to know how many to start. `job_restarted`: see launch.restart_checkpoint."""
     cli = options.parse_command_line(argv)
-    state = _resume_state(cli)
+    state = _resume_state(cli, job_restarted)
     return RunPlan(cli, state, _final_options(cli, state))
 
 
-def _resume_state(cli):
+def _resume_state(cli, job_restarted):
     load = cli.load_file if cli.is_given("load_file") else None
     save_file = cli.save_file_override if cli.is_given("save_file_override") else None
     if load is None and save_file and os.path.isdir(save_file) and os.listdir(save_file):
         load = save_file            # spec §3.2: an existing --save-file auto-resumes
-    load = launch.restart_checkpoint(cli) or load
+    load = launch.restart_checkpoint(cli, job_restarted=job_restarted) or load
     return checkpoint.load_state(load) if load else None
 
 
@@ -76,6 +76,8 @@ class Session:
         # The ranks' gradient and cost sync; the identity for one process (parallel/).
         self.sync = data_parallel.make_sync(self.launch, self.opts.dist_backend, self.device)
         self.is_master = self.sync.is_master
+        if self._joins_a_restarted_job():
+            cli, self.state, self.opts = plan_run(argv, job_restarted=True)
         self._check_same_checkpoint()
         self.cuda_devices = sorted(set(self.sync.all_gather(self.device.index))) \
             if self.device.type == "cuda" else []
@@ -113,6 +115,14 @@ class Session:
         if self.opts.deterministic:
             use_deterministic_algorithms()
         return launch.pick_device(self.opts.device, self.opts.gpu, self.launch)
+
+    def _joins_a_restarted_job(self):
+        """A job restarts as a whole: once the agent of any rank has restarted its workers,
+        every rank resumes, also those of a node that joined afresh (a failed node's
+        replacement, whose agent has restarted nothing). The options that chose this rank's
+        device are the command line's, the same in the resumed plan."""
+        restarted = self.sync.all_gather(launch.agent_restarted())
+        return any(restarted) and not restarted[self.sync.rank]
 
     def _check_same_checkpoint(self):
         paths = self.sync.all_gather(self.state["path"] if self.state else None)

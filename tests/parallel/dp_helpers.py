@@ -121,6 +121,27 @@ def assert_same_history(a, b, tolerance=HISTORY_TOLERANCE):
                 np.testing.assert_allclose(sums[name], other[name], rtol=tolerance)
 
 
+def check_like_one_process(one_process, out, err, save, device):
+    """The weights and history of one process on `device`, up to float32 rounding; rank 0
+    printed what one process prints, each line once, and rank 1 printed nothing. Only the
+    listings of --dist-backend and --gpu, and the GPUs in use (one per rank), may differ; and
+    the listing's padding, as values pad to the longest defaulted one (on CUDA, with --device,
+    --precision and --compile typed, typing --dist-backend auto changes it)."""
+    base_out, base, _ = one_process
+    got = newest_checkpoint(save)
+    slack = CUDA_SLACK if device == "cuda" else 1
+    assert_same_weights(base, got, WEIGHT_TOLERANCE * slack)
+    assert_same_history(base, got, HISTORY_TOLERANCE * slack)
+    differing = re.compile(r"^(Collective backend|GPU override|Running on CUDA).*\n", re.M)
+
+    def printed(stdout):
+        return re.sub(r" +", " ", differing.sub("", skeleton(stdout)))
+    assert printed(out) == printed(base_out)
+    if device == "cuda":
+        assert re.search(r"^Running on CUDA device\(s\) 0, 1$", out, re.M)
+    assert "rank 1" not in err and "Traceback" not in err
+
+
 def skeleton(stdout):
     """The console text with numbers, times and paths blanked: equal skeletons mean the same
     lines were printed, once each."""

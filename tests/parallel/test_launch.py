@@ -209,6 +209,17 @@ def test_a_restart_resumes_the_directory_of_a_loaded_file(tmp_path):
     assert launch.restart_checkpoint(cli("--save-file", run), env=restart) is None
 
 
+def test_a_node_that_joins_a_restarted_job_resumes_with_it(tmp_path):
+    """A replacement node's agent has restarted nothing; the job it joins has (Session asks
+    the ranks), and its workers resume the same checkpoint."""
+    newest = save_run(tmp_path, "ConvNet__2026-01-02_00.00.00")
+    first_start = {"TORCHELASTIC_RESTART_COUNT": "0"}
+    assert not launch.agent_restarted(first_start)
+    assert launch.restart_checkpoint(cli("--save-path", str(tmp_path)), env=first_start) is None
+    assert launch.restart_checkpoint(cli("--save-path", str(tmp_path)), env=first_start,
+                                     job_restarted=True) == newest
+
+
 # -- lost peers ------------------------------------------------------------------------------------
 
 def test_a_collective_that_lost_its_peer_reads_as_one_line():
