@@ -15,7 +15,7 @@ continues it. Each line is one object:
 "Averages" sections for a test event); `step` counts training batches from the start of
 training, the x axis of every curve; `seconds` is the training (or testing) time of the batch
 without the wait for its data, which is `data_wait`; `rates` are the learning rates epsW/epsB
-in force; `time` is Unix time. A NaN or infinite cost is written as null (strict JSON).
+in force; `time` is Unix time. A NaN or infinite cost or rate is written as null (strict JSON).
 """
 
 import json
@@ -98,8 +98,8 @@ class MetricsLog:
                   "progress": progress, "cases": cases, "costs": _costs(costs),
                   "seconds": seconds, "images_per_sec": _per_second(cases, seconds),
                   "data_wait": data_wait,
-                  "rates": {layer: {"epsW": [float(r) for r in rate["epsW"]],
-                                    "epsB": float(rate["epsB"])}
+                  "rates": {layer: {"epsW": [_finite(r) for r in rate["epsW"]],
+                                    "epsB": _finite(rate["epsB"])}
                             for layer, rate in rates.items()},
                   "time": time.time()}
         self._write(record)

@@ -89,8 +89,11 @@ class ChoiceType(ValueType):
 
 class RangeType(ValueType):
     """`N` or `N-M` inclusive, as the original; our extension: comma lists such as `0-3,7`.
-    The value is the list of batch numbers in the order written."""
+    The value is the list of batch numbers in the order written, at most MAX_BATCHES long (a
+    data set of more batch files than that is beyond any file system's comfort; a typo such as
+    1-1000000000 would otherwise fill the memory)."""
     name, expected = "int[-int]", "N, N-M or a comma list such as 0-3,7"
+    MAX_BATCHES = 1_000_000
 
     def parse(self, text):
         numbers = []
@@ -102,6 +105,8 @@ class RangeType(ValueType):
             last = int(match.group(2)) if match.group(2) is not None else first
             if last < first:
                 raise ValueProblem(f"{part.strip()} is an empty range")
+            if len(numbers) + last - first + 1 > self.MAX_BATCHES:
+                raise ValueProblem(f"{text.strip()} has more than {self.MAX_BATCHES:,} batches")
             numbers.extend(range(first, last + 1))
         seen = set()
         for n in numbers:

@@ -11,6 +11,7 @@ that needs an image calls `as_image`, and one that needs a vector calls `x.flatt
 
 import importlib
 import math
+import os
 
 import numpy as np
 import torch
@@ -175,6 +176,7 @@ class WeightLayer(Layer):
 
     def make_weights(self, sec, shapes, bias_shape):
         """Create weights[i] (torch shapes) and biases, initialised as the cfg says (spec §4.5)."""
+        self._check_memory(sec, sum(math.prod(s) for s in shapes) + math.prod(bias_shape))
         n = len(shapes)
         self.weight_sources = self._parse_weight_sources(sec, n)
         init_w = sec.list("initW", n, float, 0.01, what="a number")
@@ -196,6 +198,20 @@ class WeightLayer(Layer):
         else:
             b = torch.full(bias_shape, init_b)
         self.biases = nn.Parameter(b.float())
+
+    @staticmethod
+    def _check_memory(sec, numbers):
+        """Refuse, before allocating, weights that cannot fit: float32 weights, their gradients
+        and their momentum buffers, in this machine's memory."""
+        needed = 3 * 4 * numbers
+        try:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):      # a system that does not say
+            return
+        if needed > available:
+            raise sec.error(f"its {numbers:,} weights need {needed / 2**30:,.1f} GiB with their "
+                            f"gradients and momentum, more than the {available / 2**30:,.1f} "
+                            f"GiB of memory of this machine")
 
     def _parse_weight_sources(self, sec, n):
         if "weightSource" not in sec:
