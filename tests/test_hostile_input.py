@@ -38,8 +38,8 @@ def copy_of(tiny_run, tmp_path):
 # -- one run per directory ---------------------------------------------------------------------
 
 
-def test_a_second_run_on_one_directory_stops_and_a_dead_runs_lock_is_taken_over(digit_cifar,
-                                                                               tmp_path):
+def test_a_second_run_on_one_directory_stops_and_a_dead_runs_lock_is_taken_over(
+        digit_cifar, tmp_path):
     run_dir = tmp_path / "shared"
     argv = tiny_args(digit_cifar, tmp_path / "unused", "--save-file", run_dir, "--test-freq", 1,
                      "--epochs", 1000)
