@@ -76,9 +76,13 @@ def claim(run_dir, resumed_from=None, overwrite=False, keep_dir=False):
         if stale_owner:
             print(f"warning: {run_dir}: taking over the lock of a run that is gone "
                   f"({stale_owner})", file=sys.stderr, flush=True)
+        # Only what the message of a second run says: the lock itself is the kernel's.
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{_me()}\n".encode(), 0)
-        os.fsync(fd)
+    except OSError as e:
+        held.release()
+        raise CheckpointError(f"cannot write checkpoints to '{run_dir}': "
+                              f"{e.strerror or e}") from None
     except BaseException:
         held.release()
         raise
