@@ -6,14 +6,16 @@ every section and key, so that errors can name them. It knows nothing about laye
 """
 
 import configparser
+import math
 import os
 import re
 
-from .errors import ConfigError
+from .errors import ConfigError, brief
 
 REQUIRED = object()
 _SECTION_RE = re.compile(r"^\[(?P<name>[^]]+)\]")
 _KEY_RE = re.compile(r"^(?P<key>[^\s=:][^=:]*?)\s*[=:]")
+_MAX_DIGITS = 18           # an integer key beyond 10^18 sizes nothing torch can allocate
 _TRUE = {"1", "yes", "true", "on"}
 _FALSE = {"0", "no", "false", "off"}
 
@@ -48,10 +50,18 @@ class Section:
         return default
 
     def _convert(self, key, text, conv, what):
+        text = text.strip()
+        digits = text.lstrip("+-")
+        if conv is int and digits.isdigit() and len(digits.lstrip("0")) > _MAX_DIGITS:
+            raise self.error(f"{key}={brief(text)}: expected {what} below 10^{_MAX_DIGITS}",
+                             key)
         try:
-            return conv(text.strip())
-        except (TypeError, ValueError):
-            raise self.error(f"{key}={text!r}: expected {what}", key) from None
+            value = conv(text)
+        except (TypeError, ValueError, OverflowError):
+            raise self.error(f"{key}={brief(text)}: expected {what}", key) from None
+        if conv is float and not math.isfinite(value):
+            raise self.error(f"{key}={brief(text)}: expected a finite number", key)
+        return value
 
     def str(self, key, default=REQUIRED):
         value = self.raw(key, default)

@@ -76,8 +76,7 @@ def train_command(argv):
     if workers > 1:
         del plan                # each worker reads the checkpoint itself
         return spawn_workers(argv, workers)
-    with peer_failures_reported():
-        session = Session(argv, plan=plan)
+    with peer_failures_reported(), Session(argv, plan=plan) as session:
         console = session.console
         if session.state is None:
             for line in session.model.init_lines():

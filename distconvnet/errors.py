@@ -33,3 +33,10 @@ class CheckpointError(DistconvnetError):
 
 class TrainingDiverged(DistconvnetError):
     """A cost became NaN or Inf (the original's `<- error nan or inf!`)."""
+
+
+def brief(value, limit=40):
+    """`value`'s repr, cut to `limit` characters: error lines stay one short line even for a
+    4000-digit number or a long list."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

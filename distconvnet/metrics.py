@@ -16,7 +16,7 @@ continues it. Each line is one object:
 training, the x axis of every curve; `seconds` is the wall time of a training batch (as the
 console prints it), of which `data_wait` was spent waiting for its data, or the time of a test
 event; `rates` are the learning rates epsW/epsB
-in force; `time` is Unix time. A NaN or infinite cost is written as null (strict JSON).
+in force; `time` is Unix time. A NaN or infinite cost or rate is written as null (strict JSON).
 """
 
 import json
@@ -100,8 +100,8 @@ class MetricsLog:
                   "progress": progress, "cases": cases, "costs": _costs(costs),
                   "seconds": seconds, "images_per_sec": _per_second(cases, seconds),
                   "data_wait": data_wait,
-                  "rates": {layer: {"epsW": [float(r) for r in rate["epsW"]],
-                                    "epsB": float(rate["epsB"])}
+                  "rates": {layer: {"epsW": [_finite(r) for r in rate["epsW"]],
+                                    "epsB": _finite(rate["epsB"])}
                             for layer, rate in rates.items()},
                   "time": time.time()}
         self._write(record)

@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .layers import REGISTRY, BuildContext, WeightLayer
 
 _STRUCTURAL_KEYS = ("type", "inputs")
+_EMPTY_MODULE_DICT = nn.ModuleDict()
 
 
 class NetOutput(NamedTuple):
@@ -50,9 +51,13 @@ class ConvNet(nn.Module):
 
     # -- building ----------------------------------------------------------------------------
     def _build(self, cfg, ctx):
+        if not cfg.sections:
+            raise ConfigError("defines no layers (expected sections such as [data] with "
+                              "type=data)", cfg.path)
         resolve = {}        # name in the cfg -> name of the layer that carries its output
         unknown = []
         for sec in cfg.sections:
+            _check_name(sec)
             type_name = sec.str("type")
             cls = REGISTRY.get(type_name)
             if cls is None:
@@ -225,3 +230,12 @@ class ConvNet(nn.Module):
         for parent, children in self.children_of.items():
             costs[parent] = costs[parent] + sum(costs.pop(c) for c in children)
         return costs
+
+
+def _check_name(sec):
+    """Layers are torch submodules, named by their section: torch refuses names with '.' and
+    the names of nn.ModuleDict's own attributes (train, eval, keys, ...)."""
+    if "." in sec.name:
+        raise sec.error("a layer name cannot contain '.'")
+    if hasattr(_EMPTY_MODULE_DICT, sec.name):
+        raise sec.error(f"'{sec.name}' cannot name a layer: torch's ModuleDict reserves it")

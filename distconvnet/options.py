@@ -21,7 +21,7 @@ import difflib
 import re
 from dataclasses import dataclass
 
-from .errors import OptionError
+from .errors import OptionError, brief
 
 
 # The default of a mandatory option. The original used None, but our --seed defaults to None.
@@ -45,9 +45,16 @@ class ValueType:
     def text(self, value):
         return str(value)
 
+    def holds(self, value):
+        """Whether `value` (e.g. read from a checkpoint) is one this type parses to."""
+        return isinstance(value, str)
+
 
 class IntType(ValueType):
     name, expected = "int", "an integer"
+
+    def holds(self, value):
+        return type(value) is int
 
     def parse(self, text):
         if not re.fullmatch(r"\s*[+-]?\d+\s*", text):
@@ -57,6 +64,9 @@ class IntType(ValueType):
 
 class FloatType(ValueType):
     name, expected = "float", "a number"
+
+    def holds(self, value):
+        return type(value) in (int, float)
 
     def parse(self, text):
         return float(text)
@@ -68,6 +78,9 @@ class FloatType(ValueType):
 class BoolType(ValueType):
     """0/1 only, kept as the int the original stored (anything else is an error)."""
     name, expected = "0/1", "0 or 1"
+
+    def holds(self, value):
+        return type(value) is int and value in (0, 1)
 
     def parse(self, text):
         if text.strip() not in ("0", "1"):
@@ -86,11 +99,17 @@ class ChoiceType(ValueType):
             raise ValueError()
         return text
 
+    def holds(self, value):
+        return value in self.choices
+
 
 class RangeType(ValueType):
     """`N` or `N-M` inclusive, as the original; our extension: comma lists such as `0-3,7`.
-    The value is the list of batch numbers in the order written."""
+    The value is the list of batch numbers in the order written, at most MAX_BATCHES long (a
+    data set of more batch files than that is beyond any file system's comfort; a typo such as
+    1-1000000000 would otherwise fill the memory)."""
     name, expected = "int[-int]", "N, N-M or a comma list such as 0-3,7"
+    MAX_BATCHES = 1_000_000
 
     def parse(self, text):
         numbers = []
@@ -102,6 +121,8 @@ class RangeType(ValueType):
             last = int(match.group(2)) if match.group(2) is not None else first
             if last < first:
                 raise ValueProblem(f"{part.strip()} is an empty range")
+            if len(numbers) + last - first + 1 > self.MAX_BATCHES:
+                raise ValueProblem(f"{text.strip()} has more than {self.MAX_BATCHES:,} batches")
             numbers.extend(range(first, last + 1))
         seen = set()
         for n in numbers:
@@ -109,6 +130,10 @@ class RangeType(ValueType):
                 raise ValueProblem(f"batch {n} is listed twice in {text!r}")
             seen.add(n)
         return numbers
+
+    def holds(self, value):
+        return isinstance(value, list) and 0 < len(value) <= self.MAX_BATCHES and \
+            all(type(n) is int and n >= 0 for n in value)
 
     def text(self, value):
         """`a-b` for one run (a single batch prints `6-6`, as the original did), else runs."""
@@ -140,6 +165,9 @@ class ListType(ValueType):
 
     def text(self, value):
         return ",".join(self.item.text(v) for v in value)
+
+    def holds(self, value):
+        return isinstance(value, list) and all(self.item.holds(v) for v in value)
 
 
 INT, FLOAT, BOOL, STRING, RANGE = IntType(), FloatType(), BoolType(), ValueType(), RangeType()
@@ -229,6 +257,8 @@ OPTIONS = (
            "Skip images that fail to decode instead of stopping?"),
     Option("tensorboard", "tensorboard", STRING, "",
            "Write TensorBoard scalars to this directory (\"\" = don't)"),
+    Option("overwrite-save-file", "overwrite_save_file", BOOL, 0,
+           "Let --save-file replace the checkpoints of another run?"),
     Option("debug", "debug", BOOL, 0, "Show Python tracebacks on errors (bare --debug = 1)"),
 )
 
@@ -346,6 +376,18 @@ def merge_for_resume(saved, argv_options):
         merged.values[row.dest] = copy.deepcopy(new)
         merged.given.add(row.dest)
     return merged
+
+
+def stored_value_problem(values):
+    """What is wrong with option values stored in a checkpoint (a value of the wrong type for
+    its option), or None. Unknown dests are ignored, as Options.from_dict drops them."""
+    for dest, value in values.items():
+        row = BY_DEST.get(dest)
+        if row is None or (value is None and row.default in (None, REQUIRED)):
+            continue
+        if not row.type.holds(value):
+            return f"its option --{row.flag} is {brief(value)}, not {row.type.expected}"
+    return None
 
 
 def check_mandatory(opts):

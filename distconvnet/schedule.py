@@ -4,6 +4,7 @@ Deliberate differences from cuda-convnet2: parameters may come in any order, and
 written in any float syntax (`1e-3`). Everything the original accepted still parses the same.
 """
 
+import math
 import re
 
 _SPEC_RE = re.compile(r"^\s*(?P<type>[A-Za-z]\w*)\s*\[(?P<params>[^]]*)\]\s*$")
@@ -75,9 +76,13 @@ def parse_schedule(text):
     """
     text = text.strip()
     try:
-        return Const(base=float(text))
+        base = float(text)
     except ValueError:
-        pass
+        base = None
+    if base is not None:
+        if not math.isfinite(base):
+            raise ValueError(f"learning rate {text!r} is not a finite number")
+        return Const(base=base)
     m = _SPEC_RE.match(text)
     expected = ", ".join(f"{c.type_name}[{';'.join(p + '=…' for p in c.param_names)}]"
                          for c in SCHEDULES.values())
@@ -102,6 +107,9 @@ def parse_schedule(text):
             kind = "an integer" if canonical == "numSteps" else "a number"
             raise ValueError(f"schedule {text!r}: {canonical}={value.strip()!r} is not {kind}") \
                 from None
+    infinite = [p for p, v in params.items() if not math.isfinite(v)]
+    if infinite:
+        raise ValueError(f"schedule {text!r}: {infinite[0]} is not a finite number")
     missing = [p for p in cls.param_names if p not in params]
     if missing:
         raise ValueError(f"schedule {text!r}: missing {', '.join(missing)}")

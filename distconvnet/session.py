@@ -12,12 +12,12 @@ from typing import NamedTuple
 
 import torch
 
-from . import checkpoint, fastpath, metrics, netedit, options, report
+from . import checkpoint, fastpath, metrics, netedit, options, report, rundir
 from .cfg import read_cfg, read_text
 from .layers import BuildContext
 from .model import ConvNet
 from .optim import Ccn2SGD, weight_stats
-from .errors import OptionError
+from .errors import ConfigError, OptionError
 from .parallel import data_parallel, launch
 from .parallel.model_parallel import PassSchedule
 from .parallel.plan import Plan, nodes_of
@@ -41,10 +41,11 @@ def plan_run(argv, job_restarted=None):
 def _resume_state(cli, job_restarted):
     load = cli.load_file if cli.is_given("load_file") else None
     save_file = cli.save_file_override if cli.is_given("save_file_override") else None
-    if load is None and save_file and os.path.isdir(save_file) and os.listdir(save_file):
+    if load is None and save_file and os.path.isdir(save_file) and any(
+            map(checkpoint.is_checkpoint_name, os.listdir(save_file))):
         load = save_file            # spec §3.2: an existing --save-file auto-resumes
     load = launch.restart_checkpoint(cli, job_restarted=job_restarted) or load
-    return checkpoint.load_state(load) if load else None
+    return checkpoint.check_resumable(checkpoint.load_state(load)) if load else None
 
 
 def _final_options(cli, state):
@@ -52,7 +53,11 @@ def _final_options(cli, state):
         options.check_mandatory(cli)
         return cli
     saved = options.Options.from_dict(state["options"])
-    return options.merge_for_resume(saved, cli)
+    merged = options.merge_for_resume(saved, cli)
+    # spec §11.4: a resumed run trains its checkpoint's net, so the listing names that net's
+    # file, not a --layer-def typed now (Session warns when that one differs).
+    merged.values["layer_def"] = saved.values["layer_def"]
+    return merged
 
 
 def use_deterministic_algorithms():
@@ -85,6 +90,7 @@ class Session:
         self.test_only = bool(self.opts.test_only or self.opts.write_features)
         self._build_data()
         self._build_model()
+        self.model.warnings[:0] = self._ignored_layer_def(cli)
         self.optimizer = Ccn2SGD(self.model.weight_layers(), self.opts.minibatch_size,
                                  num_passes=self.parallel_plan.num_passes,
                                  active_pass_period=self.parallel_plan.active_pass_period,
@@ -102,11 +108,22 @@ class Session:
         self._restore()
         self._seed_dropout_per_rank()
         self.run_dir = self._run_dir(cli)
-        # Rank 0 logs one JSON line per batch and test next to the checkpoints (metrics.py).
-        self.metrics = metrics.open_log(
-            None if self.test_only else self.run_dir,
-            None if self.test_only else self.opts.tensorboard,
-            is_master=self.console.is_master, resume_step=self.batches_at_start)
+        self.run_dir_claim = self._claim_run_dir(cli)
+        try:
+            # Rank 0 logs one JSON line per batch and test next to the checkpoints (metrics.py).
+            self.metrics = metrics.open_log(
+                None if self.test_only else self.run_dir,
+                None if self.test_only else self.opts.tensorboard,
+                is_master=self.console.is_master, resume_step=self.batches_at_start)
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release_run_dir()
 
     # -- construction ------------------------------------------------------------------------
     def _pick_device(self):
@@ -185,6 +202,18 @@ class Session:
         self.forward = forward if self.pass_schedule is not None else \
             self.sync.forward_fn(forward)
 
+    def _ignored_layer_def(self, cli):
+        """spec §11.4: a resumed run trains the net stored in its checkpoint. A --layer-def
+        typed now that describes another net is ignored, and a warning says so."""
+        if self.state is None or not cli.is_given("layer_def"):
+            return []
+        typed = os.path.join(self.opts.layer_path, cli.layer_def)
+        if _net_of(read_text(typed)) == _net_of(self.state["layer_def"]):
+            return []
+        return [f"--layer-def {typed} is ignored: a resumed run trains the net stored in its "
+                f"checkpoint ({self.state['path']}), which differs; start a new run (without "
+                f"--load-file) to train {typed}"]
+
     def _edit_loaded_net(self, params_path, def_text, ctx):
         """--unshare-weights and --conv-to-local (spec §3.2): edit the checkpoint's net text and
         state before the net is built from them, then forget the edits so that a later resume
@@ -224,18 +253,22 @@ class Session:
             self.train_outputs, self.test_outputs = [], []
             self.batches_at_start = 0
             return
-        state = self.state
+        state, file = self.state, self.state["path"]
+        checkpoint.check_tensors(state["model"], self.model.state_dict(), file)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        if self.train_data is not None:
-            self.train_data.load_state_dict(state["train_data"])
-            self.test_data.load_state_dict(state["test_data"])
+        with checkpoint.restoring(file, "optimizer state"):
+            self.optimizer.load_state_dict(state["optimizer"])
+        with checkpoint.restoring(file, "random state"):
+            torch.set_rng_state(state["rng"]["torch"])
+            if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        with checkpoint.restoring(file, "data position and history"):
+            if self.train_data is not None:
+                self.train_data.load_state_dict(state["train_data"])
+                self.test_data.load_state_dict(state["test_data"])
+            self.train_outputs = [tuple(o) for o in state["train_outputs"]]
+            self.test_outputs = [tuple(o) for o in state["test_outputs"]]
         self.epoch, self.batchnum = state["epoch"], state["batchnum"]
-        self.train_outputs = [tuple(o) for o in state["train_outputs"]]
-        self.test_outputs = [tuple(o) for o in state["test_outputs"]]
         self.batches_at_start = self.batches_done()
 
     def _seed_dropout_per_rank(self):
@@ -257,6 +290,19 @@ class Session:
         if self.is_master and self.launch.launcher == "torchrun" and not self.test_only:
             os.makedirs(run_dir, exist_ok=True)
         return run_dir
+
+    def _claim_run_dir(self, cli):
+        """The saving rank holds its run directory while it may write there (rundir.py)."""
+        if not self.is_master or (self.test_only and not self.opts.force_save):
+            return None
+        return rundir.claim(self.run_dir, resumed_from=self.state and self.state["path"],
+                            overwrite=bool(cli.is_given("overwrite_save_file")
+                                           and cli.overwrite_save_file),
+                            keep_dir=self.launch.launcher == "torchrun")
+
+    def release_run_dir(self):
+        if self.run_dir_claim is not None:
+            self.run_dir_claim.release()
 
     # -- what the loop asks ------------------------------------------------------------------
     def changed_params(self):
@@ -327,6 +373,7 @@ class Session:
         return self.sync.gather_rows(tensors, self.opts.minibatch_size)
 
     def close(self):
+        self.release_run_dir()
         for provider in (self.train_data, self.test_data):
             if hasattr(provider, "close"):
                 provider.close()    # the image provider's threads and DALI buffers
@@ -436,6 +483,14 @@ class Session:
 
 def _values_of(section):
     return {} if section is None else {key: section.raw(key) for key in section.keys()}
+
+
+def _net_of(cfg_text):
+    """What a layer-def text says, without its comments and layout (None if it does not parse)."""
+    try:
+        return [(s.name, _values_of(s)) for s in read_cfg("(layer-def)", cfg_text).sections]
+    except ConfigError:
+        return None
 
 
 def _key_spellings(cfg_text):

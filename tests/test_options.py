@@ -18,7 +18,7 @@ ORIGINAL_FLAGS = {
     "scalar-mean", "write-features", "feature-path",
 }
 OUR_FLAGS = {"seed", "precision", "device", "compile", "deterministic", "dist-backend",
-             "skip-bad-images", "tensorboard", "debug"}
+             "skip-bad-images", "tensorboard", "overwrite-save-file", "debug"}
 
 # The user's page, with only paths changed.
 IMAGENET = ("--data-path /d/ilsvrc-2012-batches --train-range 0-417 --test-range 1000-1016 "

@@ -11,6 +11,7 @@ that needs an image calls `as_image`, and one that needs a vector calls `x.flatt
 
 import importlib
 import math
+import os
 
 import numpy as np
 import torch
@@ -191,6 +192,7 @@ class WeightLayer(Layer):
         as in the original: they run only for the files given on the command line. A net rebuilt
         from a checkpoint takes its weights from the checkpoint, and the cfg text stored there is
         data: its init functions are read but neither imported nor called."""
+        self._check_memory(sec, sum(math.prod(s) for s in shapes) + math.prod(bias_shape))
         n = len(shapes)
         self.weight_sources = self._parse_weight_sources(sec, n)
         init_w = sec.list("initW", n, float, 0.01, what="a number")
@@ -214,6 +216,20 @@ class WeightLayer(Layer):
         else:
             b = torch.full(bias_shape, init_b)
         self.biases = nn.Parameter(b.float())
+
+    @staticmethod
+    def _check_memory(sec, numbers):
+        """Refuse, before allocating, weights that cannot fit: float32 weights, their gradients
+        and their momentum buffers, in this machine's memory."""
+        needed = 3 * 4 * numbers
+        try:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):      # a system that does not say
+            return
+        if needed > available:
+            raise sec.error(f"its {numbers:,} weights need {needed / 2**30:,.1f} GiB with their "
+                            f"gradients and momentum, more than the {available / 2**30:,.1f} "
+                            f"GiB of memory of this machine")
 
     def _parse_weight_sources(self, sec, n):
         if "weightSource" not in sec:

@@ -22,7 +22,7 @@ import torch
 
 from .. import safepickle
 from ..fileio import atomic_write, temp_sibling
-from ..errors import DataError
+from ..errors import DataError, brief
 
 META_NAME = "batches.meta"
 _BATCH_NAME = re.compile(r"data_batch_(\d+)$")
@@ -92,6 +92,21 @@ def load_meta(data_path):
     return meta
 
 
+def meta_int(data_path, meta, key, default, minimum=None):
+    """batches.meta's integer `key` (e.g. img_size), or one line saying what it holds instead."""
+    value = meta.get(key, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if number is None or isinstance(value, float) and value != number or \
+            minimum is not None and number < minimum:
+        wanted = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise DataError(f"{Path(data_path) / META_NAME}: expected '{key}' to be {wanted}, "
+                        f"got {brief(value)}")
+    return number
+
+
 def require_batches(data_path, batch_numbers):
     """Fail early, with what exists, if any batch of a range is missing (cheap: no reading)."""
     for n in batch_numbers:
@@ -141,8 +156,11 @@ def read_batch(data_path, n):
         batch = _load_dict(path)
     else:
         _raise_missing(data_path, n)
-    if isinstance(batch.get("data"), list):
-        batch["data"] = [safepickle.as_bytes(item) for item in batch["data"]]
+    data = batch.get("data")
+    if isinstance(data, list) and not data or isinstance(data, np.ndarray) and not data.size:
+        raise DataError(f"{path}: the batch has no cases ('data' is empty)")
+    if isinstance(data, list):
+        batch["data"] = [safepickle.as_bytes(item) for item in data]
     return batch
 
 

@@ -17,8 +17,8 @@ import torch
 
 from ..errors import DataError, OptionError
 from .batches import (META_NAME, BatchCursor, DataBatch, ProviderOptions, batch_generator,
-                      batch_path, list_batches, load_meta, read_batch, require_batches,
-                      shard_indices)
+                      batch_path, list_batches, load_meta, meta_int, read_batch,
+                      require_batches, shard_indices)
 
 NUM_COLORS = 3
 NUM_VIEWS = 9      # the 3x3 grid of crop origins, no flips (spec §10.4; image gives 10, §15.15)
@@ -40,7 +40,7 @@ class CIFARDataProvider:
         self.device = torch.device(options.device)
         self._cursor = BatchCursor(self.batch_range, init_epoch, init_batchnum)
         self.label_names = self._check_label_names()
-        self.img_size = int(self.batch_meta.get("img_size", 32))
+        self.img_size = meta_int(self.data_path, self.batch_meta, "img_size", 32, minimum=1)
         self.inner_size = options.inner_size or self.img_size
         if not 0 < self.inner_size <= self.img_size:
             raise OptionError(f"--inner-size {options.inner_size} must lie in 1..{self.img_size} "
@@ -164,10 +164,11 @@ class CIFARDataProvider:
     def _check_labels(self, path, labels, num_cases):
         try:
             values = np.asarray(labels, dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             values = None
         if labels is None or values is None or values.size != num_cases:
-            raise DataError(f"{path}: expected 'labels', a list of {num_cases} class indices")
+            raise DataError(f"{path}: expected 'labels', a list of {num_cases} class indices "
+                            f"(numbers in 0..{len(self.label_names) - 1})")
         num_classes = len(self.label_names)
         bad = (values != np.floor(values)) | (values < 0) | (values >= num_classes)
         if bad.any():

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import DataError, OptionError
 from .batches import (META_NAME, BatchCursor, DataBatch, ProviderOptions, list_batches,
-                      load_meta, read_batch, require_batches)
+                      load_meta, meta_int, read_batch, require_batches)
 from .image_plan import NUM_COLORS, NUM_VIEWS, CasePlanner, JpegRuns, jpeg_size
 from .image_reader import ImageReader, ReadBatch
 
@@ -194,7 +194,7 @@ class ImageDataProvider:
             raise DataError(f"{where}: expected 'label_names', a non-empty list of class names")
         self.label_names = [str(name) for name in names]
         mean = meta.get("data_mean")
-        num_vis = int(meta.get("num_vis", getattr(mean, "size", 0)))
+        num_vis = meta_int(self.data_path, meta, "num_vis", getattr(mean, "size", 0))
         size = self.img_size = math.isqrt(num_vis // NUM_COLORS)
         if num_vis < NUM_COLORS or NUM_COLORS * size * size != num_vis:
             raise DataError(f"{where}: 'num_vis' = {num_vis} is not 3 x S x S for an image size")
@@ -224,7 +224,7 @@ class ImageDataProvider:
                                 f"(3,), eigenvectors of shape (3, 3) as columns)")
         self.planner = CasePlanner(
             inner=inner, num_classes=len(self.label_names),
-            label_offset=int(meta.get("label_offset", 0)), test=self.test,
+            label_offset=meta_int(self.data_path, meta, "label_offset", 0), test=self.test,
             multiview=self.multiview, color_noise=self.noise, color_pca=pca,
             scalar_mean=options.scalar_mean, skip_bad_images=options.skip_bad_images,
             seed=options.seed, minibatch=options.minibatch, rank=self.rank,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import safepickle
-from ..errors import DataError
+from ..errors import DataError, brief
 from .batches import sub_batch_files, batch_generator, batch_path, read_batch, shard_indices
 
 NUM_COLORS = 3
@@ -114,10 +114,10 @@ class CasePlanner:
     def _check_labels(self, path, index, value):
         try:
             labels = [int(v) + self.label_offset for v in value]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             labels = [-1]
         if any(not 0 <= v < self.num_classes for v in labels):
-            raise DataError(f"{locate(path, index)}: label {value!r} is not a class index in "
+            raise DataError(f"{locate(path, index)}: label {brief(value)} is not a class index in "
                             f"0..{self.num_classes - 1} (label_offset {self.label_offset})")
         return labels
 
