@@ -19,6 +19,7 @@ long as torch takes to import, later ones in milliseconds.
 """
 
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -33,7 +34,8 @@ from ..errors import DataError
 from .image_plan import JpegRuns, Plan
 
 SLOTS = 3              # one being decoded, one read ahead, one spare while the two hand over
-FIRST_SLOT = 64 << 20  # bytes; a slot grows to the largest batch it has held, plus a quarter
+FIRST_SLOT = 1 << 20   # bytes; a slot grows to the largest batch it has held, plus a quarter
+SHM_DIR = "/dev/shm"   # where Linux keeps shared memory: a tmpfs, 64 MiB in a default container
 STOP_TIMEOUT = 10.0    # seconds the child gets to finish its batch and exit before it is killed
 
 
@@ -73,6 +75,9 @@ class ImageReader:
         self._free = queue.Queue()       # slots no batch holds
         self._children, self._slots = [], []
         self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _shutdown, self._children, self._slots)
+        for _ in range(SLOTS):
+            self._free.put(self._new_slot(_create_block(FIRST_SLOT)))
         for _ in range(processes):
             connection, child_end = context.Pipe()
             # Daemonic: should the parent end without close(), multiprocessing stops the child
@@ -83,9 +88,6 @@ class ImageReader:
             child_end.close()
             self._children.append((process, connection))
             self._idle.put((process, connection))
-        for _ in range(SLOTS):
-            self._free.put(self._new_slot(_create_block(FIRST_SLOT)))
-        self._finalizer = weakref.finalize(self, _shutdown, self._children, self._slots)
 
     def _new_slot(self, block):
         slot = _Slot(block)
@@ -143,12 +145,23 @@ class ImageReader:
 
 
 def _create_block(size):
+    """A new block of `size` bytes, or one line saying there is no room for it: tmpfs makes a
+    block of any size and kills the process that writes past its room (SIGBUS)."""
+    try:
+        free = os.statvfs(SHM_DIR)
+        room = free.f_bavail * free.f_frsize
+    except OSError:
+        room = None               # not Linux's tmpfs: SharedMemory says what is wrong
+    if room is not None and size > room:
+        raise DataError(f"the image provider needs {-(-size >> 20)} MiB of shared memory in "
+                        f"{SHM_DIR} for a data batch in flight ({SLOTS} at most) and "
+                        f"{room >> 20} MiB are free: give the machine (or the container: "
+                        f"--shm-size) a larger {SHM_DIR}")
     try:
         return SharedMemory(create=True, size=size)
     except OSError as e:
-        raise DataError(f"the image provider needs {size >> 20} MiB of shared memory for each "
-                        f"of {SLOTS} batches in flight and could not get it ({e}); give the "
-                        f"machine (or container: --shm-size) a larger /dev/shm") from None
+        raise DataError(f"the image provider could not get {-(-size >> 20)} MiB of shared "
+                        f"memory for a data batch in flight ({e})") from None
 
 
 def _shutdown(children, slots):

@@ -239,6 +239,15 @@ def test_shared_memory_slots_grow_to_the_largest_batch(data, monkeypatch):
     p.close()
 
 
+def test_no_room_in_dev_shm_is_one_clear_error(data, monkeypatch):
+    from distconvnet.providers import image_reader
+    full = os.statvfs_result((4096, 4096, 1000, 10, 10, 100, 0, 0, 0, 255))   # 40 KiB free
+    monkeypatch.setattr(image_reader.os, "statvfs", lambda path: full)
+    with pytest.raises(DataError, match=r"needs 1 MiB of shared memory in /dev/shm .* 0 MiB "
+                                        r"are free: .*--shm-size"):
+        provider(data, inner_size=INNER)
+
+
 def test_close_stops_the_reader_processes_and_frees_their_shared_memory(data):
     p = provider(data, inner_size=INNER)
     p.get_next_batch()
