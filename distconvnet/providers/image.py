@@ -228,7 +228,7 @@ class ImageDataProvider:
             multiview=self.multiview, color_noise=self.noise, color_pca=pca,
             scalar_mean=options.scalar_mean, skip_bad_images=options.skip_bad_images,
             seed=options.seed, minibatch=options.minibatch, rank=self.rank,
-            world_size=self.world_size)
+            world_size=self.world_size, img_size=size)
 
     # -- reading, planning, decoding ----------------------------------------------------------
 

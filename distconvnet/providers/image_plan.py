@@ -94,6 +94,7 @@ class CasePlanner:
     minibatch: int = 128
     rank: int = 0
     world_size: int = 1
+    img_size: int = 0                   # the batch's image size (batches.meta); 0 = unchecked
 
     def read(self, data_path, epoch, batchnum):
         batch, path = read_batch(data_path, batchnum), batch_path(data_path, batchnum)
@@ -126,6 +127,10 @@ class CasePlanner:
             height, width = jpeg_size(jpeg)
         except ValueError as e:
             return str(e)
+        # The original asserted this of every image: make_batches.py writes S on the short side.
+        if self.img_size and min(height, width) != self.img_size:
+            return (f"{width}x{height} image, whose short side is not the batches' image size "
+                    f"{self.img_size} (batches.meta)")
         if min(height, width) < self.inner:
             return f"{width}x{height} image is smaller than the {self.inner}² crop"
         return height, width

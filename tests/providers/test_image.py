@@ -55,7 +55,9 @@ def data(tmp_path_factory):
     out = root / "batches"
     assert tool.main(["--src-dir", str(root / "src"), "--tgt-dir", str(out), "--batch-size", "4",
                       "--sub-batch-size", "3", "--image-size", "32", "--jobs", "2"]) == 0
-    odd = [smooth_jpeg(20 + k, 40 - 3 * k, 32 + 2 * k) for k in range(4)]
+    # Short side 32 = the batches' image size, as the original asserted of every image.
+    odd = [smooth_jpeg(20 + k, width, height)
+           for k, (width, height) in enumerate([(40, 32), (32, 37), (45, 32), (32, 34)])]
     write_batch(out, 5, {"data": odd, "labels": [[0, 2], [], [1], [2, 1, 0]]}, sub_batch_size=3)
     return out
 
@@ -386,6 +388,23 @@ def test_meta_is_checked(data, tmp_path):
         write_batch(target, 0, read_batch(data, 0))
         with pytest.raises(error, match=text):
             provider(target, [0], **options)
+
+
+def test_an_image_whose_short_side_is_not_the_batches_image_size(data, tmp_path):
+    """The original asserted it; make_batches.py writes every image so."""
+    write_meta(tmp_path, load_meta(data))
+    jpegs = read_batch(data, 0)["data"]
+    jpegs[2] = smooth_jpeg(7, 28, 28)          # 28 short side in a batch of 32s
+    write_batch(tmp_path, 0, {"data": jpegs, "labels": [[0], [1], [2], [0]]}, sub_batch_size=3)
+    with pytest.raises(DataError, match=r"data_batch_0\.0: image 2: 28x28 image, whose short "
+                                        r"side is not the batches' image size 32 .*"
+                                        r"--skip-bad-images 1"):
+        provider(tmp_path, [0], inner_size=INNER).get_next_batch()
+    p = provider(tmp_path, [0], inner_size=INNER, skip_bad_images=True, test=True)
+    images = p.get_next_batch().mats[0]
+    assert torch.equal(images[2], images[3])
+    [warning] = p.take_warnings()
+    assert "data_batch_0.0: image 2: 28x28 image" in warning and "replaced by image 3" in warning
 
 
 def test_label_outside_label_names(data, tmp_path):
