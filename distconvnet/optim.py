@@ -218,6 +218,11 @@ class Ccn2SGD(torch.optim.Optimizer):
             torch._foreach_copy_(copies, owners)
         return loss
 
+    @property
+    def fused(self):
+        """Whether step() may update through the compiled fused form (see the module doc)."""
+        return self._fused is not None
+
     def updates_every_step(self):
         """Whether every matrix is updated at every step() (no update period above 1)."""
         return all(group["update_period"] <= 1 for group in self.param_groups)
@@ -352,6 +357,22 @@ class Ccn2SGD(torch.optim.Optimizer):
             "param_groups": [dict(c, params=s["params"]) for c, s in zip(current, saved)]})
 
     # -- what the console, metrics, checkpoint and pass schedule need ---------------------------
+    def matrices(self, due_next_step=False):
+        """(layer, owned matrix, [its weightSource receivers' copies]) of every matrix, in
+        group order; with `due_next_step`, only those the next step() updates."""
+        for group in self.param_groups:
+            param = group["params"][0]
+            if not due_next_step or self.state[param]["pending"] + 1 >= group["update_period"]:
+                yield group["layer"], param, self.receivers(param)
+
+    def freeze(self, layers):
+        """Leave the matrices of `layers` unchanged: a group whose base rate is 0 is neither
+        learned nor decayed (spec §5.1). Holds until refresh() re-reads the rates."""
+        layers = set(layers)
+        for group in self.param_groups:
+            if group["layer"] in layers:
+                group["base_lr"] = 0.0
+
     def receivers(self, param):
         """The copies of an owned matrix that layers receiving it through weightSource hold."""
         return list(self._receivers.get(id(param), ()))

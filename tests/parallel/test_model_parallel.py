@@ -19,9 +19,9 @@ from distconvnet import checkpoint, fastpath
 from distconvnet.layers import BuildContext
 from distconvnet.model import ConvNet
 from distconvnet.optim import Ccn2SGD
-from distconvnet.parallel.model_parallel import (PassSchedule, _decode_layout, _empty,
-                                                 _encode_layout, _flat_views,
-                                                 _laid_out, _layout_of)
+from distconvnet.parallel.model_parallel import PassSchedule
+from distconvnet.parallel.p2p import (decode_layout, empty, encode_layout, flat_views, laid_out,
+                                      layout_of)
 from distconvnet.parallel.plan import Plan, nodes_of
 
 LAYERS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
@@ -284,19 +284,19 @@ def test_compiled_segments_train_as_the_plain_ones(monkeypatch, graph_break):
                                     torch.randn(3, 10).bfloat16(), torch.randn(0, 4, 2, 2)],
                          ids=["channels_last", "bf16", "no rows"])
 def test_a_transfer_header_gives_the_receiver_the_senders_layout(tensor):
-    layout = _layout_of(tensor)
-    assert _decode_layout(_encode_layout(layout, tensor.device).tolist()) == layout
+    layout = layout_of(tensor)
+    assert decode_layout(encode_layout(layout, tensor.device).tolist()) == layout
     rows = tensor.shape[0]
-    sent, buffer = _laid_out(tensor, layout, rows), _empty(layout, rows, tensor.device)
+    sent, buffer = laid_out(tensor, layout, rows), empty(layout, rows, tensor.device)
     assert (buffer.shape, buffer.stride(), buffer.dtype) == (sent.shape, sent.stride(), sent.dtype)
     with pytest.raises(RuntimeError, match="receiver expects"):
-        _laid_out(tensor, layout, rows + 1)
+        laid_out(tensor, layout, rows + 1)
 
 
 def test_flat_views_cover_the_buffer_once_in_each_tensors_layout():
     tensors = [torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last), torch.randn(5),
                torch.randn(2, 3)]
-    flat, views = _flat_views(tensors)
+    flat, views = flat_views(tensors)
     torch._foreach_copy_(views, tensors)
     for view, tensor in zip(views, tensors):
         assert view.stride() == tensor.stride() and torch.equal(view, tensor)

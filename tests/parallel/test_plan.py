@@ -1,4 +1,5 @@
-"""parallel/plan.py: every rule of spec §8, and the pass arithmetic of the shipped nets."""
+"""parallel/plan.py, placement.py and program.py: every rule of spec §8, and the pass arithmetic
+of the shipped nets and each rank's program."""
 
 import os
 
@@ -7,8 +8,9 @@ import pytest
 from distconvnet.errors import ConfigError, OptionError
 from distconvnet.layers import BuildContext
 from distconvnet.model import ConvNet
-from distconvnet.parallel.plan import (LayerNode, Plan, Post, RankProgram, Segment,
-                                       nodes_of)
+from distconvnet.parallel.plan import LayerNode, Plan, nodes_of
+from distconvnet.parallel.program import RankProgram
+from distconvnet.parallel.steps import Post, Segment
 
 LAYERS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), "layers")

@@ -19,8 +19,9 @@ from PIL import Image
 
 from distconvnet.errors import DataError, OptionError
 from distconvnet.providers import ProviderOptions, make_provider
-from distconvnet.providers.batches import (batch_generator, load_meta, read_batch,
-                                           shard_indices, write_batch, write_meta)
+from distconvnet.parallel.sharding import shard_indices
+from distconvnet.providers.batches import (batch_generator, load_meta, read_batch, write_batch,
+                                           write_meta)
 
 pytestmark = pytest.mark.dali
 TOOL_PATH = Path(__file__).resolve().parents[2] / "data" / "make_batches.py"
