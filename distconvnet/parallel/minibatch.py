@@ -4,9 +4,8 @@ minibatch of that size and kept; a minibatch then only walks it.
 """
 
 from . import sharding
-from .steps import (BackwardRound, Chunk, DataPieces, Joined, KeepRows, OwnRows, Post,
-                    ReceiveRows, Received, RunSegment, SegmentOutput, SendOutputs, SendRows,
-                    WholeOutput)
+from .steps import (BackwardRound, Joined, KeepRows, Pieces, Post, ReceiveRows, Received, Rows,
+                    RunSegment, SegmentOutput, SendOutputs, SendRows, Whole)
 
 
 def call_key(segment):
@@ -74,13 +73,13 @@ class MinibatchProgram:
             contiguous = all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
             if contiguous and self.shard_start <= start and \
                     stop <= self.shard_start + self.shard:
-                return OwnRows(name, start - self.shard_start, stop - self.shard_start)
-            return DataPieces(name, read.sources)
+                return Rows(name, start - self.shard_start, stop - self.shard_start)
+            return Pieces(name, read.sources)
         computed = pass_idx - pass_idx % program.plan.active_pass_period[name]
         if read.sources == program.local(name):
-            return WholeOutput(name)
+            return Whole(name)
         rows = self.output_rows(name, computed)
-        return Joined(tuple(Chunk(name, *rows[s]) if s in rows else Received(name, s)
+        return Joined(tuple(Rows(name, *rows[s]) if s in rows else Received(name, s)
                             for s in read.sources))
 
     def _data_moves(self):

@@ -44,8 +44,8 @@ from . import p2p
 from .holders import Holders
 from .minibatch import MinibatchProgram, call_key
 from .program import RankProgram
-from .steps import (Chunk, DataPieces, Joined, KeepRows, OwnRows, ReceiveRows, Received,
-                    RunSegment, Segment, SendOutputs, SendRows, WholeOutput)
+from .steps import (Joined, KeepRows, Pieces, ReceiveRows, Received, Rows, RunSegment, Segment,
+                    SendOutputs, SendRows, Whole)
 
 
 class _Output:
@@ -243,23 +243,21 @@ class PassSchedule:
         return costs
 
     def _read(self, read):
+        """What a segment reads (steps.py), as a tensor."""
         match read:
-            case WholeOutput(layer):
+            case Whole(layer):
                 return self.outputs[layer].value
-            case OwnRows(layer, start, stop):
+            case Rows(layer, start, stop) if layer in self.data:
                 return self.data[layer][start:stop]
-            case DataPieces(layer, microbatches):
-                pieces = [self._data_piece(layer, i) for i in microbatches]
-            case Joined(parts):
-                pieces = [self._part(part) for part in parts]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-    def _part(self, part):
-        match part:
-            case Chunk(layer, start, stop):
+            case Rows(layer, start, stop):
                 return self.outputs[layer].value[start:stop]
             case Received(layer, replica):
                 return self._received((layer, replica))
+            case Pieces(layer, microbatches):
+                pieces = [self._data_piece(layer, i) for i in microbatches]
+            case Joined(parts):
+                pieces = [self._read(part) for part in parts]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def _send_outputs(self, moves):
         """Post one layer's transfers: its rows to the ranks that read them, or what this rank

@@ -6,8 +6,8 @@ Two levels:
     Segment and Post steps forward, Round steps backward, over Transfers and Reads;
   * the same with every row count worked out for one minibatch size (minibatch.py): each
     forward step a RunSegment or SendOutputs, each backward step a BackwardRound, what a
-    segment reads an OwnRows, DataPieces, WholeOutput or Joined read, and the data exchange at
-    the start of a minibatch SendRows, ReceiveRows and KeepRows moves.
+    segment reads Rows, Pieces, Whole or Joined, and the data exchange at the start of a
+    minibatch SendRows, ReceiveRows and KeepRows moves.
 """
 
 from dataclasses import dataclass
@@ -67,11 +67,12 @@ class Round:
 
 
 # -- the same for one minibatch size, rows worked out --------------------------------------------
+# What a segment reads: Rows, Pieces, Whole, or Joined (of Rows and Received).
 
 @dataclass(frozen=True)
-class OwnRows:
-    """Rows [start, stop) of this rank's own shard of a data layer: a view (for one process,
-    the minibatch as it came)."""
+class Rows:
+    """Rows [start, stop) this rank holds: of its shard of a data layer (a view; for one
+    process, the minibatch as it came), or of its output of another layer."""
 
     layer: str
     start: int
@@ -79,47 +80,34 @@ class OwnRows:
 
 
 @dataclass(frozen=True)
-class DataPieces:
-    """Microbatches of a data layer, gathered from the ranks' shards at the minibatch's start."""
-
-    layer: str
-    microbatches: tuple
+class Pieces:
+    layer: str              # a data layer
+    microbatches: tuple     # gathered from the ranks' shards at the minibatch's start
 
 
 @dataclass(frozen=True)
-class WholeOutput:
+class Whole:
     """This rank's output of a layer, as it is."""
 
     layer: str
 
 
 @dataclass(frozen=True)
-class Chunk:
-    """Rows [start, stop) of this rank's output of a layer."""
-
-    layer: str
-    start: int
-    stop: int
-
-
-@dataclass(frozen=True)
 class Received:
-    """The rows of replica `replica` of a layer's output that another rank sent."""
-
     layer: str
-    replica: int
+    replica: int            # whose rows another rank sent
 
 
 @dataclass(frozen=True)
 class Joined:
-    """Chunks and Received rows, concatenated in this order."""
+    parts: tuple            # Rows and Received, concatenated in this order
 
-    parts: tuple
 
+# The data exchange at the start of a minibatch: SendRows, ReceiveRows, KeepRows.
 
 @dataclass(frozen=True)
 class SendRows:
-    """Data exchange: rows [start, stop) of this rank's shard of a data layer to `rank`."""
+    """Rows [start, stop) of this rank's shard of a data layer, to `rank`."""
 
     layer: str
     start: int
@@ -129,24 +117,23 @@ class SendRows:
 
 @dataclass(frozen=True)
 class ReceiveRows:
-    """Data exchange: `rows` rows of microbatch `microbatch` of a data layer from `rank`."""
-
     layer: str
     microbatch: int
-    rows: int
+    rows: int               # of the microbatch, from `rank`
     rank: int
 
 
 @dataclass(frozen=True)
 class KeepRows:
-    """Data exchange: rows [start, stop) of this rank's own shard that are its piece of
-    microbatch `microbatch`."""
+    """Rows [start, stop) of this rank's own shard: its piece of `microbatch`."""
 
     layer: str
     microbatch: int
     start: int
     stop: int
 
+
+# The steps of a pass: RunSegment and SendOutputs forward, BackwardRound backward.
 
 @dataclass(frozen=True)
 class SegmentOutput:
@@ -162,15 +149,13 @@ class SegmentOutput:
 @dataclass(frozen=True)
 class RunSegment:
     call: object        # the segment's function, compiled or not
-    reads: tuple        # OwnRows | DataPieces | WholeOutput | Joined, one per argument
+    reads: tuple        # what each argument is (Rows, Pieces, Whole or Joined)
     outputs: tuple      # SegmentOutput
 
 
 @dataclass(frozen=True)
 class SendOutputs:
-    """A Post with each transfer's rows: ((Transfer, rows), ...)."""
-
-    moves: tuple
+    moves: tuple        # a Post's transfers, each with its rows: ((Transfer, rows), ...)
 
 
 @dataclass(frozen=True)
