@@ -66,9 +66,8 @@ def gpu_idle_share(run):
 
 def bench_jpeg(args, device):
     from .providers.image import _dali
-    fn, _, dtypes = _dali()                # one line naming the [image] extra when it is missing
-    from nvidia.dali import pipeline_def
-    from .providers import ProviderOptions, make_provider
+    _dali()                                # one line naming the [image] extra when it is missing
+    from .providers import image
     from .providers.batches import list_batches, load_meta, read_batch
     from . import safepickle
 
@@ -76,23 +75,65 @@ def bench_jpeg(args, device):
     meta = load_meta(args.jpeg_dir)
     jpegs = [np.frombuffer(safepickle.as_bytes(j), np.uint8)
              for n in numbers for j in read_batch(args.jpeg_dir, n)["data"]]
-    total = len(jpegs)
-    per_batch = total // len(numbers)
-
-    from .providers import image
     if args.hw_decoder_load is not None:
         image.HW_DECODER_LOAD = args.hw_decoder_load
 
-    def image_provider(mini):
-        options = ProviderOptions(inner_size=224, color_noise=0.1, seed=1, device=device,
-                                  minibatch=mini)
-        return make_provider("image", args.jpeg_dir, numbers, options=options)
-
-    provider = image_provider(args.minis[0])
-    provider_run = lambda: [provider.get_next_batch() for _ in numbers]  # noqa: E731
-    provider_rate = measure(provider_run, total, device, 1, args.repeats)
+    provider = image_provider(args, device, numbers, args.minis[0])
+    provider_rate = measure(lambda: [provider.get_next_batch() for _ in numbers], len(jpegs),
+                            device, 1, args.repeats)
     provider.close()
+    ceiling = _bare_rate(_bare_pipeline(jpegs, args, device), len(jpegs), device, args.repeats)
+    print(line("image provider alone vs bare DALI decode+crop (the ceiling)",
+               provider_rate, ceiling, "bare DALI"), flush=True)
+    for mini in args.minis:
+        text, e2e_rate = jpeg_to_update(args, device, numbers, len(jpegs) // len(numbers),
+                                        provider_rate[0], mini)
+        print(text, flush=True)
+    if not args.pil:
+        return []
+    return [line(f"JPEG batches to updates, imagenet-1gpu --mini {args.minis[-1]}: ours (DALI) "
+                 f"vs plain script + PIL DataLoader", (e2e_rate, 0.0),
+                 _pil_script(jpegs, meta, args, device), "PIL script")]
 
+
+def image_provider(args, device, numbers, mini):
+    from .providers import ProviderOptions, make_provider
+    options = ProviderOptions(inner_size=224, color_noise=0.1, seed=1, device=device,
+                              minibatch=mini)
+    return make_provider("image", args.jpeg_dir, numbers, options=options)
+
+
+def jpeg_to_update(args, device, numbers, per_batch, provider_rate, mini):
+    """(line, JPEG-to-update img/s) of the trainer's loop at --mini `mini`."""
+    images, labels = synthetic(per_batch, 224, 1000, device)
+    data = SyntheticBatches([images, labels.float(), F.one_hot(labels, 1000).float()],
+                            {0: 3 * 224 * 224, 1: 1, 2: 1000}, 1000)
+    ours = our_run(os.path.join(LAYERS, "layers-imagenet-1gpu.cfg"),
+                   os.path.join(LAYERS, "layer-params-imagenet-1gpu.cfg"), data, device,
+                   mini, args)
+    batches = max(args.repeats, 2) * len(numbers)
+    trainer_rate(ours, data.get_next_batch, 2)                      # compile, autotune
+    settle_heap()                                                    # as the trainer does
+    step_rate, _ = trainer_rate(ours, data.get_next_batch, batches)
+    provider = image_provider(args, device, numbers, mini)
+    trainer_rate(ours, provider.get_next_batch, len(numbers))       # the decoder's start
+    rate, wait = trainer_rate(ours, provider.get_next_batch, batches)
+    idle = gpu_idle_share(lambda: trainer_rate(ours, provider.get_next_batch, len(numbers))) \
+        if device.type == "cuda" else math.nan
+    provider.close()
+    idle = "n/a" if math.isnan(idle) else f"{idle:.0%}"
+    slower = min(step_rate, provider_rate)
+    return (f"JPEG batches to updates, imagenet-1gpu --mini {mini}: ours {rate:,.0f} img/s "
+            f"(data wait {wait:.0%}, GPU idle {idle}), step alone {step_rate:,.0f} img/s, "
+            f"provider alone {provider_rate:,.0f} img/s: {rate / slower:.2f} of the "
+            f"slower part"), rate
+
+
+def _bare_pipeline(jpegs, args, device):
+    """The bare DALI decode+crop+normalise pipeline over the JPEGs, cycled."""
+    from nvidia.dali import pipeline_def
+    from .providers import image
+    fn, _, dtypes = image._dali()
     on_cuda = device.type == "cuda"
 
     @pipeline_def(batch_size=256, num_threads=args.threads,
@@ -107,43 +148,7 @@ def bench_jpeg(args, device):
                                         crop_pos_y=fn.random.uniform(range=[0, 1]),
                                         mirror=fn.random.coin_flip(), dtype=dtypes.FLOAT,
                                         mean=[124.0, 117.0, 104.0], std=[1.0, 1.0, 1.0])
-    ceiling = _bare_rate(bare(), total, device, args.repeats)
-    print(line("image provider alone vs bare DALI decode+crop (the ceiling)",
-               provider_rate, ceiling, "bare DALI"), flush=True)
-
-    def jpeg_to_update(mini):
-        """(line, JPEG-to-update img/s) of the trainer's loop at --mini `mini`."""
-        images, labels = synthetic(per_batch, 224, 1000, device)
-        data = SyntheticBatches([images, labels.float(), F.one_hot(labels, 1000).float()],
-                                {0: 3 * 224 * 224, 1: 1, 2: 1000}, 1000)
-        ours = our_run(os.path.join(LAYERS, "layers-imagenet-1gpu.cfg"),
-                       os.path.join(LAYERS, "layer-params-imagenet-1gpu.cfg"), data, device,
-                       mini, args)
-        batches = max(args.repeats, 2) * len(numbers)
-        trainer_rate(ours, data.get_next_batch, 2)                      # compile, autotune
-        settle_heap()                                                    # as the trainer does
-        step_rate, _ = trainer_rate(ours, data.get_next_batch, batches)
-        provider = image_provider(mini)
-        trainer_rate(ours, provider.get_next_batch, len(numbers))       # the decoder's start
-        rate, wait = trainer_rate(ours, provider.get_next_batch, batches)
-        idle = gpu_idle_share(lambda: trainer_rate(ours, provider.get_next_batch, len(numbers))) \
-            if device.type == "cuda" else math.nan
-        provider.close()
-        idle = "n/a" if math.isnan(idle) else f"{idle:.0%}"
-        slower = min(step_rate, provider_rate[0])
-        return (f"JPEG batches to updates, imagenet-1gpu --mini {mini}: ours {rate:,.0f} img/s "
-                f"(data wait {wait:.0%}, GPU idle {idle}), step alone {step_rate:,.0f} img/s, "
-                f"provider alone {provider_rate[0]:,.0f} img/s: {rate / slower:.2f} of the "
-                f"slower part"), rate
-
-    for mini in args.minis:
-        text, e2e_rate = jpeg_to_update(mini)
-        print(text, flush=True)
-    if not args.pil:
-        return []
-    return [line(f"JPEG batches to updates, imagenet-1gpu --mini {args.minis[-1]}: ours (DALI) "
-                 f"vs plain script + PIL DataLoader", (e2e_rate, 0.0),
-                 _pil_script(jpegs, meta, args, device), "PIL script")]
+    return bare()
 
 
 def _bare_rate(pipe, total, device, repeats):

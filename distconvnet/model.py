@@ -187,6 +187,13 @@ class ConvNet(nn.Module):
     def cost_layers(self):
         return [layer for layer in self.layers.values() if layer.is_cost]
 
+    def reads(self):
+        """{layer: the layers it reads}: its inputs, and for a logreg cost fed by a softmax the
+        softmax's input too (logits_for), which it reads directly."""
+        return {name: list(layer.input_names) + ([self.logits_for[name]]
+                                                 if name in self.logits_for else [])
+                for name, layer in self.layers.items()}
+
     def init_lines(self):
         """The original's startup lines: data layers, other layers, then neuron layers."""
         def rank(layer):

@@ -96,15 +96,7 @@ def build_run(plan, stream=None, data=None, saving=True):
     model, texts = _build_net(plan, test_data, console)
     model = fastpath.place(model, device)
     model.warnings[:0] = ignored_layer_def(plan)
-    parallel_plan = Plan(nodes_of(model))
-    trainer = strategy.choose(parallel_plan, ranks)(
-        ranks, parallel_plan, model, device, fastpath.resolve_compile(opts.compile, device))
-    fused = trainer.fuses_update and fastpath.fused_update(opts.compile, device)
-    optimizer = Ccn2SGD(model.weight_layers(), opts.minibatch_size,
-                        num_passes=parallel_plan.num_passes,
-                        active_pass_period=parallel_plan.active_pass_period, fused=fused)
-    autocast = fastpath.autocast(device, precision)
-    trainer.attach(optimizer, autocast)
+    trainer, optimizer, autocast = _training(opts, model, ranks, device, precision)
 
     position = RunState(list(opts.train_batch_range), opts.num_epochs,
                         cursor=train_data.cursor if train_data is not None else (1, None))
@@ -114,22 +106,43 @@ def build_run(plan, stream=None, data=None, saving=True):
                              position, history)
     batches_at_start = position.batches_done()
     _seed_dropout_per_rank(seed, ranks.rank, batches_at_start)
+    saver, log = _outputs(plan, ranks, info.launcher, console, test_only, texts,
+                          batches_at_start, saving)
+    return Run(plan, console, device, cuda_devices, model, autocast, trainer, optimizer,
+               train_data, test_data, position, history, batches_at_start, saver, log)
 
+
+def _training(opts, model, ranks, device, precision):
+    """(strategy, optimizer, autocast): how the net trains across the ranks (spec §8's plan
+    picks the strategy), and the optimizer it steps."""
+    parallel_plan = Plan(nodes_of(model))
+    trainer = strategy.choose(parallel_plan, ranks)(
+        ranks, parallel_plan, model, device, fastpath.resolve_compile(opts.compile, device))
+    fused = trainer.fuses_update and fastpath.fused_update(opts.compile, device)
+    optimizer = Ccn2SGD(model.weight_layers(), opts.minibatch_size,
+                        num_passes=parallel_plan.num_passes,
+                        active_pass_period=parallel_plan.active_pass_period, fused=fused)
+    autocast = fastpath.autocast(device, precision)
+    trainer.attach(optimizer, autocast)
+    return trainer, optimizer, autocast
+
+
+def _outputs(plan, ranks, launcher, console, test_only, texts, batches_at_start, saving):
+    """(Checkpointer, metrics log): the run directory this rank holds, if any, and rank 0's
+    log of one JSON line per batch and test next to the checkpoints (metrics.py)."""
     if saving:
-        saver = checkpointer.open_run_dir(plan, ranks, info.launcher, test_only, texts)
+        saver = checkpointer.open_run_dir(plan, ranks, launcher, test_only, texts)
     else:
         saver = Checkpointer(None, None, ranks.is_master, *texts)
+    logging = saving and not test_only
     try:
-        # Rank 0 logs one JSON line per batch and test next to the checkpoints (metrics.py).
-        logging = saving and not test_only
         log = metrics.open_log(saver.run_dir if logging else None,
-                               opts.tensorboard if logging else None,
+                               plan.opts.tensorboard if logging else None,
                                is_master=console.is_master, resume_step=batches_at_start)
     except BaseException:
         saver.release()
         raise
-    return Run(plan, console, device, cuda_devices, model, autocast, trainer, optimizer,
-               train_data, test_data, position, history, batches_at_start, saver, log)
+    return saver, log
 
 
 def _joins_a_restarted_job(ranks):

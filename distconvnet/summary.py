@@ -129,11 +129,8 @@ def print_placement(model, world_size, program):
         print(line)
     if not program:
         return
-    reads = {name: list(layer.input_names) + ([model.logits_for[name]]
-                                              if name in model.logits_for else [])
-             for name, layer in model.layers.items()}
     print("Each rank's program for one minibatch (x[r]: replica r of layer x's output; for a "
           "data layer, microbatch r):")
     for rank in range(world_size):
-        for line in RankProgram(placement, reads, rank).describe():
+        for line in RankProgram(placement, model.reads(), rank).describe():
             print(line)

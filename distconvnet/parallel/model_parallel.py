@@ -71,10 +71,7 @@ class PassSchedule:
         self.model, self.plan = model, plan
         self.placement = plan.placement(world_size)
         self.rank, self.distributed = rank, world_size > 1
-        inputs = {name: list(layer.input_names) + ([model.logits_for[name]]
-                                                   if name in model.logits_for else [])
-                  for name, layer in model.layers.items()}
-        self.program = RankProgram(self.placement, inputs, rank)
+        self.program = RankProgram(self.placement, model.reads(), rank)
         self.holders = Holders(self.placement, rank)
         self.local = self.holders.local
         # What runs each segment: its function, or that function compiled.
