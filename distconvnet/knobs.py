@@ -1,9 +1,12 @@
-"""The process-wide settings of a run, set in one place, each with its reason.
+"""The process-wide settings that shape a run's numbers and speed, set in one place, each with
+its reason:
 
     before_cuda()  at process start (cli.main, bench.main), before anything starts CUDA
     for_run(...)   once per run, after the device is chosen and before anything is built
 
-Nothing else in the package changes global torch or process state.
+(The few other process-wide settings stay where they serve, with their reasons: the NCCL
+switches of a job in parallel/launch.py, DDP's warnings in parallel/data_parallel.py, dynamo's
+room for compiled segments in parallel/model_parallel.py.)
 """
 
 import os

@@ -24,22 +24,24 @@ from .optim import Ccn2SGD
 from .parallel import launch, strategy
 from .parallel.plan import Plan, nodes_of
 from .parallel.ranks import join_job
+from .parallel.strategy import Strategy
 from .providers import ProviderOptions, make_provider
-from .runplan import ignored_layer_def, plan_run
+from .providers.batches import Provider
+from .runplan import RunPlan, ignored_layer_def, plan_run
 
 
 @dataclass
 class Run:
-    plan: object                # runplan.RunPlan: the options and the checkpoint resumed
+    plan: RunPlan               # the options and the checkpoint resumed
     console: report.Console
     device: torch.device
     cuda_devices: list          # the CUDA devices of all ranks (empty on the CPU)
     model: ConvNet
     autocast: object            # the forward's precision context (fastpath.autocast)
-    strategy: object            # parallel/strategy.py
+    strategy: Strategy
     optimizer: Ccn2SGD
-    train_data: object          # a provider (None in --test-only runs)
-    test_data: object
+    train_data: Provider | None     # None in --test-only runs
+    test_data: Provider
     position: RunState
     history: History
     batches_at_start: int       # training batches done at the checkpoint resumed
