@@ -5,34 +5,36 @@ side in one run on one card, one line per comparison:
 
 (a) imagenet-1gpu train step on synthetic input: ours vs a plain eager fp32 PyTorch script of the
     same net, and vs the same script with bf16 + channels_last + torch.compile;
-(b) JPEG batches to updates (with --jpeg-dir, batches made by data/make_batches.py): the provider
-    alone vs the bare DALI decode+crop+normalise pipeline (the ceiling); per --mini (128 and
-    512), the trainer's loop on the JPEG batches against the slower of its two parts, the step
-    alone on the same --mini and the provider alone, with the share of the time spent waiting
-    for data and the share of the GPU's time idle; and ours vs the plain script fed by a PIL
-    DataLoader on all cores;
+(b) JPEG batches to updates (with --jpeg-dir, batches made by data/make_batches.py; in
+    bench_jpeg.py): the provider alone vs the bare DALI decode+crop+normalise pipeline (the
+    ceiling); per --mini (128 and 512), the trainer's loop on the JPEG batches against the slower
+    of its two parts, the step alone on the same --mini and the provider alone, with the share of
+    the time spent waiting for data and the share of the GPU's time idle; and ours vs the plain
+    script fed by a PIL DataLoader on all cores;
 (c) cifar10-11pct: ours vs the plain eager script;
 (d) the peak GPU memory of each run, printed in its line.
+
+"Ours" is the trainer's own Run (run.build_run) of the net, fed by SyntheticBatches or the image
+provider, so that what is measured is what users get.
 """
 
 import argparse
-import math
 import os
 import platform
 import time
-import types
-from io import BytesIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fastpath
-from .layers import BuildContext, conv
-from .model import ConvNet
-from .optim import Ccn2SGD
-from .train import settle_heap, train_on_batch
+from . import fastpath, knobs
+from .layers import conv
+from .providers import DataBatch
+from .providers.batches import CursorProvider
+from .run import build_run
+from .runplan import plan_run
+from .train import train_on_batch
 
 LAYERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "layers")
 
@@ -104,23 +106,44 @@ def plain_step(model, optimizer, autocast):
     return step
 
 
-# -- ours: the trainer's own step -----------------------------------------------------------------
+# -- ours: the trainer's own run -----------------------------------------------------------------
 
-def our_session(layer_def, layer_params, dims, classes, device, mini, precision, compile_model):
-    """The pieces of a training Session that a step touches, built the way Session builds them."""
-    model = ConvNet(layer_def, layer_params, BuildContext(dims.__getitem__, classes))
-    model = fastpath.place(model, device)
-    fused = compile_model and device.type == "cuda"
-    optimizer = Ccn2SGD(model.weight_layers(), mini, fused=fused)
-    forward, autocast = fastpath.forward_fn(model, compile_model), \
-        fastpath.autocast(device, precision)
-    return types.SimpleNamespace(
-        model=model, optimizer=optimizer, forward=forward, autocast=autocast,
-        train_step=fastpath.train_step(forward, optimizer, autocast,
-                                       graphs=fused and optimizer.updates_every_step()),
-        pass_schedule=None,
-        minibatches=lambda batch: ([m[i:i + mini] for m in batch.mats]
-                                   for i in range(0, batch.mats[0].shape[0], mini)))
+class SyntheticBatches(CursorProvider):
+    """A provider (providers.batches.Provider) serving one batch of tensors on the device over
+    and over: the training step measured without its data's preparation."""
+
+    def __init__(self, mats, dims, classes):
+        super().__init__([1], 1, None)
+        self.batch_meta, self.mats, self.dims, self.classes = {}, mats, dims, classes
+
+    def get_next_batch(self):
+        epoch, batchnum = self._cursor.advance()
+        return DataBatch(epoch, batchnum, self.mats, 1)
+
+    def get_data_dims(self, idx=0):
+        return self.dims[idx]
+
+    def get_num_classes(self):
+        return self.classes
+
+    def num_cases(self, batchnum):
+        return self.mats[0].shape[0]
+
+
+def our_run(layer_def, layer_params, data, device, mini, args):
+    """The trainer's own Run (run.build_run) of a net on `data`, holding no run directory."""
+    argv = ["--data-provider", "synthetic", "--data-path", "", "--save-path", "",
+            "--train-range", "1", "--test-range", "1", "--layer-def", layer_def,
+            "--layer-params", layer_params, "--device", device.type,
+            "--gpu", str(device.index or 0), "--mini", str(mini),
+            "--precision", args.precision, "--compile", args.compile, "--seed", "1"]
+    return build_run(plan_run(argv), data=(data, data), saving=False)
+
+
+def train_batch(run, batch):
+    """What the training loop does with a data batch (one process: the batch is whole)."""
+    return train_on_batch(run.model, run.strategy, batch, batch.mats[0].shape[0],
+                          run.opts.minibatch_size)
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -165,13 +188,11 @@ def synthetic(batch, size, classes, device, channels_last=False):
 def bench_net(name, layer_def, layer_params, plain_cls, size, classes, args, device, peers):
     """Train steps on synthetic input: ours vs each requested peer variant."""
     batch, runs = args.batch, args.steps
-    dims = {0: 3 * size * size, 1: 1}
-    ours = our_session(layer_def, layer_params, dims, classes, device, batch, args.precision,
-                       fastpath.resolve_compile(args.compile, device))
     images, labels = synthetic(batch * runs, size, classes, device)
-    batch_obj = types.SimpleNamespace(mats=[images, labels.float()])
-    ours_result = measure(lambda: train_on_batch(ours, batch_obj), batch * runs, device,
-                          args.warmup, args.repeats)
+    data = SyntheticBatches([images, labels.float()], {0: 3 * size * size, 1: 1}, classes)
+    ours = our_run(layer_def, layer_params, data, device, batch, args)
+    ours_result = measure(lambda: train_batch(ours, data.get_next_batch()), batch * runs,
+                          device, args.warmup, args.repeats)
     out = []
     for peer_name, precision, fast in peers:
         model = plain_cls().to(device)
@@ -179,6 +200,8 @@ def bench_net(name, layer_def, layer_params, plain_cls, size, classes, args, dev
             model = model.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
                               foreach=True)
+        if precision == "fp32":
+            knobs.float32_exactly(device)
         step = plain_step(torch.compile(model) if fast and device.type == "cuda" else model, opt,
                           fastpath.autocast(device, precision))
         x, y = synthetic(batch, size, classes, device, channels_last=fast)
@@ -190,182 +213,6 @@ def bench_net(name, layer_def, layer_params, plain_cls, size, classes, args, dev
                         measure(run, batch * runs, device, args.warmup, args.repeats), peer_name))
         del model, opt, step
     return out
-
-
-# -- (b) JPEG batches -----------------------------------------------------------------------------
-
-def host_read(sums):
-    """The costs of a data batch read on the host, as the trainer reads them to print a line."""
-    return torch.cat([v.detach().double().flatten() for v in sums.values()]).tolist()
-
-
-def trainer_rate(ours, next_batch, batches):
-    """(img/s, share of the time spent waiting for data) of the training loop's work per data
-    batch: take a batch, train on it, read its costs on the host."""
-    waiting, cases = 0.0, 0
-    start = time.perf_counter()
-    for _ in range(batches):
-        asked = time.perf_counter()
-        batch = next_batch()
-        waiting += time.perf_counter() - asked
-        sums, count = train_on_batch(ours, batch)
-        host_read(sums)
-        cases += count
-    total = time.perf_counter() - start
-    return cases / total, waiting / total
-
-
-def gpu_idle_share(run):
-    """The share of the time between the first kernel and the last one of `run()` in which no
-    kernel or copy of this process (the step's, DALI's) runs on the GPU, from a profile."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.autograd import DeviceType
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run()
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == DeviceType.CUDA)
-    if not spans:
-        return math.nan
-    busy, (lo, hi) = 0.0, spans[0]
-    first = lo
-    for a, b in spans[1:]:
-        if a > hi:
-            busy, lo = busy + hi - lo, a
-        hi = max(hi, b)
-    busy += hi - lo
-    return 1.0 - busy / (hi - first)
-
-
-def bench_jpeg(args, device):
-    from .providers.image import _dali
-    fn, _, dtypes = _dali()                # one line naming the [image] extra when it is missing
-    from nvidia.dali import pipeline_def
-    from .providers import ProviderOptions, make_provider
-    from .providers.batches import list_batches, load_meta, read_batch
-    from . import safepickle
-
-    numbers = [n for n in list_batches(args.jpeg_dir) if n < 1000]
-    meta = load_meta(args.jpeg_dir)
-    jpegs = [np.frombuffer(safepickle.as_bytes(j), np.uint8)
-             for n in numbers for j in read_batch(args.jpeg_dir, n)["data"]]
-    total = len(jpegs)
-    per_batch = total // len(numbers)
-
-    from .providers import image
-    if args.hw_decoder_load is not None:
-        image.HW_DECODER_LOAD = args.hw_decoder_load
-
-    def image_provider(mini):
-        options = ProviderOptions(inner_size=224, color_noise=0.1, seed=1, device=device,
-                                  minibatch=mini)
-        return make_provider("image", args.jpeg_dir, numbers, options=options)
-
-    provider = image_provider(args.minis[0])
-    provider_run = lambda: [provider.get_next_batch() for _ in numbers]  # noqa: E731
-    provider_rate = measure(provider_run, total, device, 1, args.repeats)
-    provider.close()
-
-    on_cuda = device.type == "cuda"
-
-    @pipeline_def(batch_size=256, num_threads=args.threads,
-                  device_id=(device.index or 0) if on_cuda else None, prefetch_queue_depth=2)
-    def bare():
-        data = fn.external_source(source=_cycle(jpegs, 256), dtype=dtypes.UINT8)
-        images = fn.decoders.image(data, output_type=dtypes.RGB, **(
-            {"device": "mixed", "hw_decoder_load": image.HW_DECODER_LOAD} if on_cuda
-            else {"device": "cpu"}))
-        return fn.crop_mirror_normalize(images, crop=(224, 224),
-                                        crop_pos_x=fn.random.uniform(range=[0, 1]),
-                                        crop_pos_y=fn.random.uniform(range=[0, 1]),
-                                        mirror=fn.random.coin_flip(), dtype=dtypes.FLOAT,
-                                        mean=[124.0, 117.0, 104.0], std=[1.0, 1.0, 1.0])
-    ceiling = _bare_rate(bare(), total, device, args.repeats)
-    print(line("image provider alone vs bare DALI decode+crop (the ceiling)",
-               provider_rate, ceiling, "bare DALI"), flush=True)
-
-    def jpeg_to_update(mini):
-        """(line, JPEG-to-update img/s) of the trainer's loop at --mini `mini`."""
-        ours = our_session(os.path.join(LAYERS, "layers-imagenet-1gpu.cfg"),
-                           os.path.join(LAYERS, "layer-params-imagenet-1gpu.cfg"),
-                           {0: 3 * 224 * 224, 1: 1, 2: 1000}, 1000, device, mini,
-                           args.precision, fastpath.resolve_compile(args.compile, device))
-        images, labels = synthetic(per_batch, 224, 1000, device)
-        synthetic_batch = types.SimpleNamespace(
-            mats=[images, labels.float(), F.one_hot(labels, 1000).float()])
-        batches = max(args.repeats, 2) * len(numbers)
-        trainer_rate(ours, lambda: synthetic_batch, 2)                  # compile, autotune
-        settle_heap()                                                    # as the trainer does
-        step_rate, _ = trainer_rate(ours, lambda: synthetic_batch, batches)
-        provider = image_provider(mini)
-        trainer_rate(ours, provider.get_next_batch, len(numbers))       # the decoder's start
-        rate, wait = trainer_rate(ours, provider.get_next_batch, batches)
-        idle = gpu_idle_share(lambda: trainer_rate(ours, provider.get_next_batch, len(numbers))) \
-            if device.type == "cuda" else math.nan
-        provider.close()
-        idle = "n/a" if math.isnan(idle) else f"{idle:.0%}"
-        slower = min(step_rate, provider_rate[0])
-        return (f"JPEG batches to updates, imagenet-1gpu --mini {mini}: ours {rate:,.0f} img/s "
-                f"(data wait {wait:.0%}, GPU idle {idle}), step alone {step_rate:,.0f} img/s, "
-                f"provider alone {provider_rate[0]:,.0f} img/s: {rate / slower:.2f} of the "
-                f"slower part"), rate
-
-    for mini in args.minis:
-        text, e2e_rate = jpeg_to_update(mini)
-        print(text, flush=True)
-    if not args.pil:
-        return []
-    return [line(f"JPEG batches to updates, imagenet-1gpu --mini {args.minis[-1]}: ours (DALI) "
-                 f"vs plain script + PIL DataLoader", (e2e_rate, 0.0),
-                 _pil_script(jpegs, meta, args, device), "PIL script")]
-
-
-def _bare_rate(pipe, total, device, repeats):
-    pipe.build()
-    iters = max(1, total // 256)
-    return measure(lambda: [pipe.run() for _ in range(iters)], iters * 256, device, 1, repeats)
-
-
-def _cycle(jpegs, batch):
-    def source():
-        i = 0
-        while True:
-            yield [jpegs[(i + k) % len(jpegs)] for k in range(batch)]
-            i += batch
-    return source()
-
-
-class _JpegDataset(torch.utils.data.Dataset):
-    def __init__(self, jpegs, mean):
-        self.jpegs, self.mean = jpegs, mean
-
-    def __len__(self):
-        return len(self.jpegs)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        image = np.asarray(Image.open(BytesIO(self.jpegs[i].tobytes())).convert("RGB"))
-        y = np.random.randint(0, image.shape[0] - 223)
-        x = np.random.randint(0, image.shape[1] - 223)
-        crop = image[y:y + 224, x:x + 224]
-        if np.random.rand() < 0.5:
-            crop = crop[:, ::-1]
-        tensor = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float()
-        return tensor - self.mean, 0
-
-
-def _pil_script(jpegs, meta, args, device):
-    mean = torch.tensor([124.0, 117.0, 104.0]).view(3, 1, 1)
-    loader = torch.utils.data.DataLoader(_JpegDataset(jpegs, mean), batch_size=128, shuffle=True,
-                                         num_workers=os.cpu_count(), pin_memory=True,
-                                         persistent_workers=True, drop_last=True)
-    model = PlainImagenetNet().to(device)
-    step = plain_step(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-                      fastpath.autocast(device, "fp32"))
-
-    def run():
-        for images, labels in loader:
-            step(images.to(device, non_blocking=True), labels.to(device))
-    return measure(run, len(loader) * 128, device, 1, args.repeats)
 
 
 def header(device, precision):
@@ -385,7 +232,7 @@ def header(device, precision):
 
 
 def main(argv=None):
-    fastpath.spread_work_queues()
+    knobs.before_cuda()
     parser = argparse.ArgumentParser(prog="python -m distconvnet.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"],
@@ -407,7 +254,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.minis = [int(m) for m in args.minis.split(",")]
     device = torch.device(args.device)
-    fastpath.use_own_stream(device)
+    knobs.use_own_stream(device)
     args.precision = fastpath.resolve_precision(args.precision, device)
     args.batch = args.batch or (512 if device.type == "cuda" and not args.quick else 8)
     args.steps, args.warmup, args.repeats = (1, 1, 2) if args.quick else (10, 2, 5)
@@ -429,6 +276,7 @@ def main(argv=None):
                 [eager_peer]):
             print(text, flush=True)
     if "b" in parts and args.jpeg_dir:
+        from .bench_jpeg import bench_jpeg
         for text in bench_jpeg(args, device):
             print(text, flush=True)
     return 0

@@ -10,14 +10,14 @@
 
 import sys
 
-from . import fastpath
+from . import knobs
 from .errors import DistconvnetError
 
 HELP_FLAGS = ("-h", "--help")
 
 
 def main(argv=None):
-    fastpath.spread_work_queues()
+    knobs.before_cuda()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     debug = _wants_debug(argv)
@@ -67,7 +67,8 @@ def train_command(argv):
     from .evaluate import test_only
     from .parallel.launch import peer_failures_reported
     from .parallel.spawn import spawn_workers, workers_to_spawn
-    from .session import Session, plan_run
+    from .run import build_run
+    from .runplan import changed_params, plan_run
     from .train import train
     plan = plan_run(argv)
     if plan.opts.check_grads:       # spec §3.2: the check comes before every other mode
@@ -76,24 +77,24 @@ def train_command(argv):
     if workers > 1:
         del plan                # each worker reads the checkpoint itself
         return spawn_workers(argv, workers)
-    with peer_failures_reported(), Session(argv, plan=plan) as session:
-        console = session.console
-        if session.state is None:
-            for line in session.model.init_lines():
+    with peer_failures_reported(), build_run(plan) as run:
+        console = run.console
+        if run.plan.state is None:
+            for line in run.model.init_lines():
                 console.line(line)
-        for warning in session.model.warnings:
+        for warning in run.model.warnings:
             console.line(f"warning: {warning}")
-        for line in session.changed_params():
+        for line in changed_params(run.plan, run.checkpointer.layer_params_text):
             console.line(line)
         console.write(report.import_banner(torch.__version__))
-        if not session.test_only:
-            console.write(report.training_banner(options.option_listing(session.opts),
-                                                 session.cuda_devices, session.run_dir))
-        if session.test_only:
-            test_only(session)
+        if not run.test_only:
+            console.write(report.training_banner(options.option_listing(run.opts),
+                                                 run.cuda_devices, run.checkpointer.run_dir))
+        if run.test_only:
+            test_only(run)
         else:
-            train(session)
-    session.close()
+            train(run)
+    run.close()
     return 0
 
 

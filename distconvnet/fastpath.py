@@ -1,16 +1,14 @@
 """How a net runs fast on a device: placement, memory format, precision and compilation.
 
 One place for these choices, shared by the trainer and the benchmark, so that what is measured
-is what users get. On CUDA: channels_last weights, cuDNN autotuning, bf16 autocast and
-torch.compile by default; `--precision fp32` keeps the float32 reference path (TF32 off).
+is what users get. On CUDA: channels_last weights, bf16 autocast and torch.compile by default;
+`--precision fp32` keeps the float32 reference path. The process-wide switches that go with
+these (cuDNN autotuning, TF32, the trainer's stream) are set in knobs.py.
 """
 
 import contextlib
-import os
 
 import torch
-
-HARDWARE_QUEUES = 32   # CUDA's maximum; its default is 8
 
 
 def resolve_precision(precision, device):
@@ -25,45 +23,24 @@ def resolve_compile(setting, device):
     return bool(int(setting))
 
 
-def spread_work_queues():
-    """Before anything starts CUDA in this process: let CUDA map streams onto as many hardware
-    work queues as it can (unless the user chose a number). DALI decodes on some thirty streams
-    beside the trainer's; where two streams share a queue, a kernel of one waits for the kernel
-    queued ahead of it by the other, and the decoder's chains of small kernels then advance one
-    kernel per training kernel."""
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", str(HARDWARE_QUEUES))
-
-
-def use_own_stream(device):
-    """On CUDA, the calling thread (the trainer's) queues its work on a stream of its own, not
-    on the legacy default stream, with which every blocking stream synchronises: DALI's decoding
-    kernels would wait behind each queued step (BENCHMARKS.md, 2026-12-04)."""
-    if device.type == "cuda":
-        torch.cuda.set_stream(torch.cuda.Stream(device))
-
-
 def fused_update(setting, device):
     """Whether the optimizer compiles its update (optim.py): on CUDA whenever the net is
     compiled; the CPU keeps the eager foreach update, which is as fast there."""
     return device.type == "cuda" and resolve_compile(setting, device)
 
 
-def place(model, device, autotune=True):
-    """Move the net; on CUDA use channels_last (what cuDNN's fast conv kernels want) and, unless
-    `autotune` is off (--deterministic 1), let cuDNN time its kernels and keep the fastest."""
+def place(model, device):
+    """Move the net; on CUDA use channels_last (what cuDNN's fast conv kernels want)."""
     model = model.to(device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = autotune
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
 def autocast(device, precision):
-    """A context for the forward pass: bf16 autocast, or nothing for the fp32 path."""
+    """A context for the forward pass: bf16 autocast, or nothing for the fp32 path (whose TF32
+    switches knobs.for_run turns off)."""
     if precision == "fp32":
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 

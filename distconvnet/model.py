@@ -170,12 +170,7 @@ class ConvNet(nn.Module):
         cfg = read_cfg(layer_params, text)
         self.layer_params_path = layer_params
         for name, layer in self.layers.items():
-            sec = cfg.get(name)
-            if sec is None and layer.needs_params:
-                raise ConfigError(f"layer of type '{layer.type_name}' requires extra "
-                                  f"parameters, but there is no [{name}] section", layer_params,
-                                  layer=name)
-            layer.set_params(sec)
+            layer.read_params(cfg.get(name), layer_params)
         stray = [s.name for s in cfg.sections if s.name not in self.layers]
         unknown = [f"{s.name}.{k} (line {s._key_lines.get(k, s.line)})" for s in cfg.sections
                    if s.name in self.layers for k in s.unused_keys()]
@@ -191,6 +186,13 @@ class ConvNet(nn.Module):
 
     def cost_layers(self):
         return [layer for layer in self.layers.values() if layer.is_cost]
+
+    def reads(self):
+        """{layer: the layers it reads}: its inputs, and for a logreg cost fed by a softmax the
+        softmax's input too (logits_for), which it reads directly."""
+        return {name: list(layer.input_names) + ([self.logits_for[name]]
+                                                 if name in self.logits_for else [])
+                for name, layer in self.layers.items()}
 
     def init_lines(self):
         """The original's startup lines: data layers, other layers, then neuron layers."""

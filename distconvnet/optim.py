@@ -41,32 +41,17 @@ weights took a fifth of an imagenet-1gpu step at --mini 128 (BENCHMARKS.md, 2026
 costs no recompilation.
 """
 
-import math
 from collections import defaultdict
 
 import torch
 
+from .constraints import COLUMNS, constrain
 from .errors import CheckpointError, ConfigError, OptionError
 from .layers.base import weight_owner
+from .optim_fused import FusedUpdate
 from .schedule import SCHEDULES
 
 WEIGHTS, BIASES = "weights", "biases"
-
-# How a constraint sees "columns" (spec §5.2) in our torch layouts. cuda-convnet2 normalises
-# columns of its (rows, cols) matrices (spec §4.5); here: the dims that span one column, and
-# whether wball sets the norm exactly (FCLayer/ConvLayer::_constrainWeights) or caps it
-# (LocalUnsharedLayer uses normalizeLocalWeights: per module and filter, only when above).
-#   fc    (outputs, inputs): one output unit is a row
-#   sfc   (parts, inputs/parts, outputs per part): one output index across all parts, as the
-#         original's (inputs, outputs per part) matrix has it
-#   conv  (filters·groups, channels/groups, k, k): one filter
-#   local (M², groups, k²·channels/groups, filters): one filter at one module
-_COLUMNS = {
-    "fc": ((1,), True),
-    "sfc": ((0, 1), True),
-    "conv": ((1, 2, 3), True),
-    "local": ((2,), False),
-}
 
 
 def _schedule_from_dict(d):
@@ -104,7 +89,7 @@ class Ccn2SGD(torch.optim.Optimizer):
             p = group["params"][0]
             self.state[p] = {"inc": torch.zeros_like(p, memory_format=torch.preserve_format),
                              "pending": 0}
-        self._fused = _FusedUpdate() if fused else None
+        self._fused = FusedUpdate() if fused else None
         self.last_step_fused = False
         self.set_progress(0.0)
 
@@ -162,7 +147,7 @@ class Ccn2SGD(torch.optim.Optimizer):
     def _group(layer, kind, param, schedule, momentum, wc, wball, norm_max, norm_min, period,
                nominal_cases):
         needs_columns = wball > 0 or norm_max > 0
-        if needs_columns and layer.type_name not in _COLUMNS:
+        if needs_columns and layer.type_name not in COLUMNS:
             raise ConfigError(f"wball/wcNormMax are not supported on a {layer.type_name} layer",
                               layer=layer.name)
         return {"params": [param], "layer": layer.name, "kind": kind,
@@ -208,7 +193,7 @@ class Ccn2SGD(torch.optim.Optimizer):
         for group in due:
             p = group["params"][0]
             if group["base_lr"] > 0:
-                self._constrain(group)
+                constrain(group)
             p.grad = None
             for receiver in self._receivers.get(id(p), ()):
                 owners.append(p)
@@ -217,6 +202,11 @@ class Ccn2SGD(torch.optim.Optimizer):
         if copies:
             torch._foreach_copy_(copies, owners)
         return loss
+
+    @property
+    def fused(self):
+        """Whether step() may update through the compiled fused form (see the module doc)."""
+        return self._fused is not None
 
     def updates_every_step(self):
         """Whether every matrix is updated at every step() (no update period above 1)."""
@@ -268,34 +258,6 @@ class Ccn2SGD(torch.optim.Optimizer):
         for params, incs, _, _ in buckets.values():
             torch._foreach_add_(params, incs)
 
-    @staticmethod
-    def _constrain(group):
-        """The post-update constraints of ConvLayer/FCLayer/LocalUnsharedLayer (spec §5.2)."""
-        if group["wball"] <= 0 and group["wc_norm_max"] <= 0:
-            return
-        w = group["params"][0]
-        dims, sets_norm = _COLUMNS[group["layer_type"]]
-        if group["wc_norm_max"] > 0:
-            # The original's measure, read from its WeightContrastNormOperator:
-            # spread = sqrt(Σ (w − mean)²) / n over a filter's n weights (that is std/√n, not
-            # the std its comment names). The filter itself (not its centred copy) is scaled
-            # by lo/spread or hi/spread when the spread leaves [wcNormMin, wcNormMax].
-            n = math.prod(w.shape[d] for d in dims)
-            centred = w - w.mean(dim=dims, keepdim=True)
-            spread = centred.square().sum(dim=dims, keepdim=True).sqrt() / n
-            lo, hi = group["wc_norm_min"], group["wc_norm_max"]
-            factor = torch.where(spread < lo, lo / spread,
-                                 torch.where(spread > hi, hi / spread, torch.ones_like(spread)))
-            # A constant filter has no spread to rescale; the original would divide by 0.
-            w.mul_(torch.where(spread > 0, factor, torch.ones_like(factor)))
-        if group["wball"] > 0:
-            norm = w.square().sum(dim=dims, keepdim=True).sqrt()
-            factor = group["wball"] / norm
-            if not sets_norm:
-                factor = factor.clamp(max=1.0)
-            # An all-zero column keeps its zeros instead of becoming NaN.
-            w.mul_(torch.where(norm > 0, factor, torch.ones_like(factor)))
-
     def zero_grad(self, set_to_none=True):
         """Drop every accumulated gradient and restart every update period.
 
@@ -322,7 +284,7 @@ class Ccn2SGD(torch.optim.Optimizer):
         self._layers = layers
         self._share(shared)
         if self._fused is not None:
-            self._fused = _FusedUpdate()        # which matrices are learned may have changed
+            self._fused = FusedUpdate()        # which matrices are learned may have changed
         self.set_progress(self.progress)
 
     def load_state_dict(self, state_dict):
@@ -352,6 +314,22 @@ class Ccn2SGD(torch.optim.Optimizer):
             "param_groups": [dict(c, params=s["params"]) for c, s in zip(current, saved)]})
 
     # -- what the console, metrics, checkpoint and pass schedule need ---------------------------
+    def matrices(self, due_next_step=False):
+        """(layer, owned matrix, [its weightSource receivers' copies]) of every matrix, in
+        group order; with `due_next_step`, only those the next step() updates."""
+        for group in self.param_groups:
+            param = group["params"][0]
+            if not due_next_step or self.state[param]["pending"] + 1 >= group["update_period"]:
+                yield group["layer"], param, self.receivers(param)
+
+    def freeze(self, layers):
+        """Leave the matrices of `layers` unchanged: a group whose base rate is 0 is neither
+        learned nor decayed (spec §5.1). Holds until refresh() re-reads the rates."""
+        layers = set(layers)
+        for group in self.param_groups:
+            if group["layer"] in layers:
+                group["base_lr"] = 0.0
+
     def receivers(self, param):
         """The copies of an owned matrix that layers receiving it through weightSource hold."""
         return list(self._receivers.get(id(param), ()))
@@ -382,62 +360,6 @@ class Ccn2SGD(torch.optim.Optimizer):
         return {name: {"epsW": [rates[(name, (WEIGHTS, i))] for i in range(len(weights))],
                        "epsB": rates[(name, (BIASES,))]}
                 for name, weights, _ in self._layers}
-
-
-def _update_in_place(params, incs, grads, coefficients):
-    """inc = μ·inc + s·g + d·W, then W += inc, for each matrix; coefficients[k] = (μ, s, d)."""
-    for param, inc, grad, row in zip(params, incs, grads, coefficients.unbind()):
-        momentum, grad_scale, decay = row.unbind()
-        inc.mul_(momentum).add_(grad * grad_scale).add_(param * decay)
-        param.add_(inc)
-
-
-class _FusedUpdate:
-    """The compiled form of Ccn2SGD._apply for the step in which every learned matrix is due.
-    Its rates live in one device tensor, rewritten in place when the schedules move."""
-
-    def __init__(self):
-        self._update = torch.compile(_update_in_place, dynamic=False)
-        self._coefficients = None        # (learned matrices, 3) on their device
-        self._host = None                # pinned (μ, −ε/Nnom, −λ·ε) of the learned matrices
-        self._stale = True
-
-    def rates_changed(self):
-        self._stale = True
-
-    @staticmethod
-    def _learned(groups):
-        return [g for g in groups if g["base_lr"] > 0]
-
-    def refresh(self, groups):
-        learned = self._learned(groups)
-        if not self._stale or not learned:
-            return
-        param = learned[0]["params"][0]
-        values = torch.tensor([[g["momentum"], -g["lr"] / g["nominal_cases"],
-                                -g["lr"] * g["wc"]] for g in learned], dtype=param.dtype)
-        if self._coefficients is None:
-            self._coefficients = values.to(param.device)
-        else:
-            # Pinned, so the copy queues behind the running work instead of waiting for it.
-            self._host = values.pin_memory() if param.is_cuda else values
-            self._coefficients.copy_(self._host, non_blocking=True)
-        self._stale = False
-
-    def apply(self, due, groups, state):
-        """Update the matrices of `due` if the fused form covers the step; False if not."""
-        learned = self._learned(groups)
-        # weightSource receivers add their gradients at rates of their own: _apply does that.
-        if len(due) != len(groups) or not learned or any(
-                g["params"][0].grad is None or g["receivers"] for g in learned):
-            return False
-        params = [g["params"][0] for g in learned]
-        if any((p.device, p.dtype) != (params[0].device, params[0].dtype) for p in params):
-            return False
-        self.refresh(groups)
-        self._update(params, [state[p]["inc"] for p in params], [p.grad for p in params],
-                     self._coefficients)
-        return True
 
 
 def weight_stats(weight_layers, optimizer):

@@ -1,12 +1,11 @@
 """A dry run of the unpickler over a pickle's opcodes, building nothing: what safepickle checks
 before it lets the standard unpickler build anything (its module text says what is refused).
 
-The scan keeps numbers and short strings as themselves, and for everything else a `_Value`:
+The scan keeps numbers and short strings as themselves, and for everything else a `Value`:
 its kind, its size as data (shared parts counted once per reference), its depth. It runs in
 time linear in the file, long strings are measured and skipped rather than decoded.
 """
 
-import codecs
 import io
 import math
 import pickletools
@@ -16,11 +15,11 @@ import struct
 import numpy as np
 
 from .errors import DataError, brief
+from .pickleargs import PUSHES, READERS, Value
 
 MAX_EXPANSION = 16          # bytes of data per byte of file (a list of small ints needs 4-8)
 SLACK = 1 << 20
 MAX_DEPTH = 32
-_SHORT = 64                 # strings up to this long are kept as themselves by the scan
 
 # The callables a data pickle may name (Python 2 and 3, numpy 1 and 2), by what they do.
 CALLABLES = {("numpy", "ndarray"): "ndarray", ("numpy", "dtype"): "dtype",
@@ -40,24 +39,12 @@ class Refused(Exception):
     """Why the scan refuses a pickle (the file's name and the byte are added)."""
 
 
-class _Value:
-    """What the scan knows of an object that it does not keep as itself: its kind, its size as
-    data (`weight`, in bytes, shared parts once per reference), its depth, and for strings their
-    length, for tuples their items, for dtypes the dtype, for callables what they do."""
-
-    __slots__ = ("kind", "weight", "depth", "length", "items", "dtype", "callable", "shared")
-
-    def __init__(self, kind, weight=8, length=0, items=None, dtype=None, callable=None):
-        self.kind, self.weight, self.depth, self.length = kind, weight, 0, length
-        self.items, self.dtype, self.callable, self.shared = items, dtype, callable, False
-
-
 _CODE = ("global", "pending", "code")      # kinds that are not data: callables, or hold them
 
 
 def _measure(item):
     """(weight, depth, kind) of a stack item."""
-    if type(item) is _Value:
+    if type(item) is Value:
         return item.weight, item.depth, item.kind
     if type(item) is tuple:         # of short strings and numbers only (see _Scan.tuple)
         return 8 + sum(_measure(x)[0] for x in item), 1, "tuple"
@@ -70,7 +57,7 @@ def _length_of_raw(x):
     """The bytes an array's or scalar's data holds (Python 2's str: latin-1, one per byte)."""
     if isinstance(x, (str, bytes)):
         return len(x)
-    if type(x) is _Value and x.kind in ("str", "bytes", "bytearray"):
+    if type(x) is Value and x.kind in ("str", "bytes", "bytearray"):
         return x.length
     raise Refused("gives an array data that is not a byte string")
 
@@ -84,8 +71,8 @@ class _Scan:
         self.stack, self.marks, self.memo = [], [], {}
         self.handlers = {}
         for op in pickletools.opcodes:
-            reader = _READERS.get(op.name, op.arg.reader if op.arg else None)
-            handler = None if op.name in _PUSHES else \
+            reader = READERS.get(op.name, op.arg.reader if op.arg else None)
+            handler = None if op.name in PUSHES else \
                 getattr(self, "op_" + op.name, self._refuse_opcode(op.name))
             self.handlers[op.code.encode("latin-1")] = reader, handler
 
@@ -158,7 +145,7 @@ class _Scan:
 
     def target(self, kinds):
         value = self.top()
-        if type(value) is not _Value or value.kind not in kinds:
+        if type(value) is not Value or value.kind not in kinds:
             raise Refused(f"adds to something that is not a {' or '.join(kinds)}")
         if value.shared:
             raise Refused("changes an object after referring to it again")
@@ -166,11 +153,11 @@ class _Scan:
 
     def tuple(self, items):
         """A tuple of numbers and short strings is kept as itself (shapes, dtype states)."""
-        if all(type(x) is not _Value and type(x) is not tuple for x in items):
-            self.fill(_Value("tuple"), items)
+        if all(type(x) is not Value and type(x) is not tuple for x in items):
+            self.fill(Value("tuple"), items)
             self.stack.append(tuple(items))
         else:
-            self.stack.append(self.fill(_Value("tuple", items=items), items))
+            self.stack.append(self.fill(Value("tuple", items=items), items))
 
     # -- opcodes ---------------------------------------------------------------------------
     def op_PROTO(self, arg):
@@ -193,11 +180,11 @@ class _Scan:
         self.pop_mark()
 
     def op_LIST(self, arg):
-        value = self.fill(_Value("list"), self.pop_mark())
+        value = self.fill(Value("list"), self.pop_mark())
         self.stack.append(value)
 
     def op_DICT(self, arg):
-        value = self.fill(_Value("dict"), self.pop_mark(), keyed=True)
+        value = self.fill(Value("dict"), self.pop_mark(), keyed=True)
         self.stack.append(value)
 
     def op_TUPLE(self, arg):
@@ -230,7 +217,7 @@ class _Scan:
 
     def op_GET(self, arg):
         value = self.memo[arg]
-        if type(value) is _Value:
+        if type(value) is Value:
             value.shared = True
         self.stack.append(value)
 
@@ -260,14 +247,14 @@ class _Scan:
         if what is None:
             raise Refused(f"refusing to load {module}.{name} (only plain data and numpy "
                           f"arrays are allowed)")
-        self.stack.append(_Value("global", callable=what))
+        self.stack.append(Value("global", callable=what))
 
     def op_REDUCE(self, arg):
         func, args = self.pop(2)
-        if type(func) is not _Value or func.kind != "global":
+        if type(func) is not Value or func.kind != "global":
             raise Refused("calls something that is not an allowed callable")
         items = list(args) if type(args) is tuple else \
-            args.items if type(args) is _Value and args.items is not None else None
+            args.items if type(args) is Value and args.items is not None else None
         if items is None:
             raise Refused(f"calls {func.callable} with arguments that are not a tuple")
         call = getattr(self, "call_" + func.callable, None)
@@ -281,7 +268,7 @@ class _Scan:
         if dtype is None or len(flags) > 2 or any(flag not in (0, 1) for flag in flags):
             raise Refused(f"refusing a numpy array of dtype {brief(code)} (only numeric "
                           f"dtypes are allowed)")
-        return _Value("dtype", dtype=dtype)
+        return Value("dtype", dtype=dtype)
 
     def call_encode(self, items):
         text = items[0] if len(items) == 2 and items[1] in LATIN1 else None
@@ -290,11 +277,11 @@ class _Scan:
                 return text.encode("latin1")
             except UnicodeEncodeError:
                 raise Refused("encodes text that is not latin-1 as bytes") from None
-        if type(text) is not _Value or text.kind != "str":
+        if type(text) is not Value or text.kind != "str":
             codec = brief(items[1]) if len(items) == 2 else "its default"
             raise Refused(f"encodes text with the codec {codec} (only latin-1, how pickles "
                           f"hold bytes, is allowed)")
-        return _Value("bytes", weight=text.weight, length=text.length)
+        return Value("bytes", weight=text.weight, length=text.length)
 
     def call_bytes(self, items):
         if items:
@@ -307,13 +294,13 @@ class _Scan:
         if len(items) != 3 or getattr(items[0], "callable", None) != "ndarray" or \
                 items[1] != (0,) or items[2] not in ("b", b"b"):
             raise Refused("calls _reconstruct with arguments other than (ndarray, (0,), 'b')")
-        return _Value("pending")
+        return Value("pending")
 
     def call_scalar(self, items):
-        dtype = items[0].dtype if len(items) == 2 and type(items[0]) is _Value else None
+        dtype = items[0].dtype if len(items) == 2 and type(items[0]) is Value else None
         if dtype is None or _length_of_raw(items[1]) != dtype.itemsize:
             raise Refused("makes a numpy scalar without a numeric dtype and its bytes")
-        return _Value("scalar", weight=8 + dtype.itemsize)
+        return Value("scalar", weight=8 + dtype.itemsize)
 
     def call__frombuffer(self, items):
         if len(items) != 4 or items[3] not in ("C", "F"):
@@ -332,7 +319,7 @@ class _Scan:
                 raise Refused(f"sets a numpy dtype's state to {brief(state)} (only a plain "
                               f"number's state is allowed)")
             return
-        items = state.items if type(state) is _Value and state.items is not None else ()
+        items = state.items if type(state) is Value and state.items is not None else ()
         if len(items) not in (4, 5) or items[-2] not in (0, 1):
             raise Refused("sets an array's state to something other than (shape, dtype, "
                           "order, data)")
@@ -342,7 +329,7 @@ class _Scan:
 
 def _array(shape, dtype, raw):
     """The scan's value of an array of `shape` and `dtype` (a scanned dtype) made of `raw`."""
-    if type(dtype) is not _Value or dtype.dtype is None:
+    if type(dtype) is not Value or dtype.dtype is None:
         raise Refused("makes an array without a numeric dtype")
     if type(shape) is not tuple or len(shape) > MAX_DEPTH or \
             not all(type(n) is int and n >= 0 for n in shape):
@@ -351,7 +338,7 @@ def _array(shape, dtype, raw):
     if needed != _length_of_raw(raw):
         raise Refused(f"makes a {dtype.dtype} array of shape {shape}, which needs "
                       f"{needed:,} bytes, from {_length_of_raw(raw):,} bytes")
-    return _Value("array", weight=8 + needed)
+    return Value("array", weight=8 + needed)
 
 
 def numeric_dtype_or_none(code):
@@ -362,76 +349,6 @@ def numeric_dtype_or_none(code):
     except TypeError:
         return None
     return dtype if dtype.kind in "biufc" else None
-
-
-# -- reading opcode arguments: strings longer than _SHORT are measured, not kept --------------
-
-def _exactly(f, n):
-    data = f.read(n)
-    if len(data) != n:
-        raise ValueError("truncated")
-    return data
-
-
-def _sized(prefix, kind, signed=False):
-    """A reader of a string argument whose length comes first, in `prefix` bytes: short ones
-    are read, long ones measured (UTF-8 text by its characters: the bytes that do not
-    continue one) or skipped."""
-    def read(f):
-        n = int.from_bytes(_exactly(f, prefix), "little", signed=signed)
-        if n <= _SHORT and kind != "bytearray":
-            data = _exactly(f, n)
-            return data.decode(kind, "surrogatepass") if kind == "utf-8" else \
-                data.decode("latin-1") if kind == "latin-1" else data
-        if kind == "utf-8":
-            # continuation bytes, 0x80-0xBF, are the int8 values -128..-65
-            length = int(np.count_nonzero(np.frombuffer(_exactly(f, n), np.int8) > -65))
-        elif not 0 <= n <= len(f.getbuffer()) - f.tell():
-            raise ValueError("truncated")
-        else:
-            f.seek(n, io.SEEK_CUR)
-            length = n
-        return _Value("str" if kind in ("utf-8", "latin-1") else kind, weight=8 + n,
-                      length=length)
-    return read
-
-
-def _text_reader(reader):
-    """Protocol 0's newline-ended strings, kept whole or measured like the others."""
-    def read(f):
-        text = reader(f)
-        return text if len(text) <= _SHORT else \
-            _Value("str", weight=8 + len(text), length=len(text))
-    return read
-
-
-def _unsigned(n):
-    return lambda f: int.from_bytes(_exactly(f, n), "little")
-
-
-_READERS = {
-    "BININT1": _unsigned(1), "BININT2": _unsigned(2), "BINPUT": _unsigned(1),
-    "BINGET": _unsigned(1), "LONG_BINPUT": _unsigned(4), "LONG_BINGET": _unsigned(4),
-    "BININT": lambda f: int.from_bytes(_exactly(f, 4), "little", signed=True),
-    "BINFLOAT": lambda f: struct.unpack(">d", _exactly(f, 8))[0],
-    "NONE": lambda f: None, "NEWTRUE": lambda f: True, "NEWFALSE": lambda f: False,
-    "EMPTY_TUPLE": lambda f: (), "EMPTY_LIST": lambda f: _Value("list"),
-    "EMPTY_DICT": lambda f: _Value("dict"),
-    "SHORT_BINUNICODE": _sized(1, "utf-8"), "BINUNICODE": _sized(4, "utf-8"),
-    "BINUNICODE8": _sized(8, "utf-8"), "SHORT_BINSTRING": _sized(1, "latin-1"),
-    "BINSTRING": _sized(4, "latin-1", signed=True), "SHORT_BINBYTES": _sized(1, "bytes"),
-    "BINBYTES": _sized(4, "bytes"), "BINBYTES8": _sized(8, "bytes"),
-    "BYTEARRAY8": _sized(8, "bytearray"),
-    # Python 2's STRING under encoding='latin1' (pickletools' own reader takes it for ASCII)
-    "STRING": _text_reader(lambda f: codecs.escape_decode(
-        pickletools.read_stringnl(f, decode=False))[0].decode("latin-1")),
-    "UNICODE": _text_reader(pickletools.read_unicodestringnl),
-}
-_PUSHES = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT",
-           "BINFLOAT", "NONE", "NEWTRUE", "NEWFALSE", "EMPTY_TUPLE", "EMPTY_LIST",
-           "EMPTY_DICT", "STRING", "BINSTRING",
-           "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8",
-           "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
 
 
 def scan(data):

@@ -2,15 +2,19 @@
 
 The sizes of every layer follow from the input's, so the input size must come from somewhere
 true: --inner-size (the crop the trainer would take), or the image size in --data-path's
-batches.meta (what the trainer feeds with --inner-size 0). With neither, it refuses to guess.
+batches.meta (what the trainer feeds with --inner-size 0). With neither, it refuses to guess,
+except for `--world-size N --program` alone: which rank runs what does not depend on the input
+size, so the net is then built at the smallest square input it accepts, and its layer sizes
+are not printed.
 """
 
 import argparse
 import math
 
-from .errors import DataError, OptionError
+from .errors import ConfigError, DataError, OptionError
 
 NUM_COLORS = 3
+MAX_PROBED_SIDE = 1024
 
 
 def parse_args(argv):
@@ -34,15 +38,21 @@ def parse_args(argv):
     parser.add_argument("--world-size", type=int, default=None, metavar="N",
                         help="also show, per layer, its replicas (gpu=) and which of N "
                              "processes runs each (spec §8)")
+    parser.add_argument("--program", action="store_true",
+                        help="with --world-size: also print each rank's program, what it "
+                             "runs, sends and receives on each pass of a minibatch")
     parser.add_argument("--debug", action="store_true")
     return parser.parse_args(argv)
 
 
 def input_size(args):
-    """(image side, where it came from, number of classes or None)."""
+    """(image side or None for "the smallest the net accepts", where it came from, number of
+    classes or None)."""
     if args.inner_size is not None and args.inner_size < 1:
         raise OptionError(f"--inner-size {args.inner_size}: expected a positive image size")
     if args.data_path is None:
+        if args.inner_size is None and args.program:
+            return None, None, args.num_classes
         if args.inner_size is None:
             raise OptionError("summary needs the input size: give --inner-size N (224 for the "
                               "ImageNet nets, 24 for CIFAR) or --data-path DIR (its "
@@ -64,29 +74,63 @@ def input_size(args):
     return side, where, num_classes
 
 
-def main(argv):
+def build(args, side, num_classes):
     from .layers import BuildContext
     from .model import ConvNet
-    args = parse_args(argv)
-    side, source, num_classes = input_size(args)
-    print(f"Input: {side}x{side} {args.channels}-channel images (from {source})")
     dims = {0: args.channels * side ** 2, 1: 1}
     if num_classes:
         dims[2] = num_classes
-    model = ConvNet(args.layer_def, args.layer_params,
-                    BuildContext(dims.__getitem__, num_classes))
+    return ConvNet(args.layer_def, args.layer_params, BuildContext(dims.__getitem__, num_classes))
+
+
+def smallest_net(args, num_classes):
+    """(side, net) of the smallest square input, up to MAX_PROBED_SIDE, that the net accepts;
+    the last refusal if none."""
+    for side in range(1, MAX_PROBED_SIDE + 1):
+        try:
+            return side, build(args, side, num_classes)
+        except ConfigError as e:
+            refusal = e
+    raise refusal
+
+
+def main(argv):
+    args = parse_args(argv)
+    if args.program and args.world_size is None:
+        raise OptionError("--program shows the ranks' programs: give --world-size N")
+    side, source, num_classes = input_size(args)
+    if side is None:
+        side, model = smallest_net(args, num_classes)
+        print(f"Input: none given; the ranks' programs do not depend on it (the net accepts "
+              f"{side}x{side} {args.channels}-channel images and up)")
+    else:
+        print(f"Input: {side}x{side} {args.channels}-channel images (from {source})")
+        model = build(args, side, num_classes)
     for warning in model.warnings:
         print(f"warning: {warning}")
-    for line in model.init_lines():
-        print(line)
-    print(f"Trainable parameters: {model.num_parameters():,}")
-    if args.world_size is not None:
-        from .parallel.plan import Plan, nodes_of
-        plan = Plan(nodes_of(model))
-        placement = plan.placement(args.world_size)
-        print(f"Passes per minibatch: {plan.num_passes} (replicas: {plan.min_replicas} to "
-              f"{plan.max_replicas}); {args.world_size} process(es) = "
-              f"{placement.data_groups} data-parallel group(s) of {placement.group_size}")
-        for line in placement.describe():
+    if source is not None:
+        for line in model.init_lines():
             print(line)
+        print(f"Trainable parameters: {model.num_parameters():,}")
+    if args.world_size is not None:
+        print_placement(model, args.world_size, args.program)
     return 0
+
+
+def print_placement(model, world_size, program):
+    from .parallel.plan import Plan, nodes_of
+    from .parallel.program import RankProgram
+    plan = Plan(nodes_of(model))
+    placement = plan.placement(world_size)
+    print(f"Passes per minibatch: {plan.num_passes} (replicas: {plan.min_replicas} to "
+          f"{plan.max_replicas}); {world_size} process(es) = "
+          f"{placement.data_groups} data-parallel group(s) of {placement.group_size}")
+    for line in placement.describe():
+        print(line)
+    if not program:
+        return
+    print("Each rank's program for one minibatch (x[r]: replica r of layer x's output; for a "
+          "data layer, microbatch r):")
+    for rank in range(world_size):
+        for line in RankProgram(placement, model.reads(), rank).describe():
+            print(line)

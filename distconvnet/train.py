@@ -12,51 +12,55 @@ import torch
 
 from . import report
 from .errors import OptionError, TrainingDiverged
-from .evaluate import run_test
+from .evaluate import eval_minibatch, report_warnings, run_test, test_batches
+from .optim import weight_stats
 
 
-def train(session):
+def train(run):
     """Train until the last batch of `--epochs`; test, report and save every `--test-freq`
     batches and after the last one."""
-    console, opts = session.console, session.opts
+    console, opts, position, strategy = run.console, run.opts, run.position, run.strategy
     if opts.testing_freq < 1:
         raise OptionError(f"--test-freq {opts.testing_freq}: expected a positive number of "
                           f"training batches between tests")
-    while not session.finished():
+    while not position.finished():
         waiting = time.perf_counter()
-        batch = session.train_data.get_next_batch()
-        session.report_data_warnings(session.train_data)
-        progress = session.progress(batch.epoch, batch.batchnum)
-        session.optimizer.set_progress(progress)
+        batch = run.train_data.get_next_batch()
+        report_warnings(console, strategy.rank, run.train_data)
+        progress = position.progress(batch.epoch, batch.batchnum)
+        run.optimizer.set_progress(progress)
         started = time.perf_counter()
         console.write(report.batch_prefix(batch.epoch, batch.batchnum, progress))
 
-        sums, cases = session.sum_over_ranks(*train_on_batch(session, batch))
-        session.report_data_warnings(session.train_step)
-        if opts.conserve_mem and session.device.type == "cuda":
+        sums, cases = strategy.sum_over_ranks(*train_on_batch(
+            run.model, strategy, batch, run.train_data.num_cases(batch.batchnum),
+            opts.minibatch_size))
+        report_warnings(console, strategy.rank, strategy)
+        if opts.conserve_mem and run.device.type == "cuda":
             # Autograd already frees each minibatch's activations after backward; what stays is
             # the caching allocator's hold on them. Handing it back lets other processes on the
             # GPU use it, at the cost of fresh allocations next batch (spec's "slower").
             torch.cuda.empty_cache()
-        costs = session.record_train(batch.epoch, batch.batchnum, sums, cases)
+        position.trained(batch.epoch, batch.batchnum, run.train_data.cursor)
+        costs = run.history.record_train(sums, cases)
         console.write(report.cost_line(costs))
-        session.metrics.train_batch(
-            batch.epoch, batch.batchnum, step=session.batches_done(), progress=progress,
+        run.metrics.train_batch(
+            batch.epoch, batch.batchnum, step=position.batches_done(), progress=progress,
             costs=costs, cases=cases, seconds=time.perf_counter() - waiting,
-            data_wait=started - waiting, rates=session.optimizer.current_rates())
+            data_wait=started - waiting, rates=run.optimizer.current_rates())
         check_finite(console, costs)
 
         # The last batch is always a test event, so a finished run leaves its final weights
         # tested and saved (the original saved only every --test-freq batches: spec §11.2).
-        tested = session.batches_done() % opts.testing_freq == 0 or session.finished()
+        tested = position.batches_done() % opts.testing_freq == 0 or position.finished()
         if tested:
-            test_and_save(session)
+            test_and_save(run)
         # The batch's wall time (spec §9.2), its data's wait included as in the original, whose
         # timed loop loaded the next batch; a test event's includes the test, so it gets no
         # images/s figure.
         seconds = time.perf_counter() - waiting
         console.line(report.seconds_suffix(seconds, None if tested else cases))
-        if tested or session.batches_done() == session.batches_at_start + 1:
+        if tested or position.batches_done() == run.batches_at_start + 1:
             settle_heap()
 
 
@@ -69,51 +73,35 @@ def settle_heap():
     gc.freeze()
 
 
-def train_on_batch(session, batch):
-    """Forward, backward and update for each minibatch; returns device-side cost sums."""
-    session.model.train()
-    schedule = session.pass_schedule
-    if schedule is not None:
-        return train_passes(session, batch, schedule)
+def train_on_batch(model, strategy, batch, whole_cases, minibatch):
+    """Forward, backward and update for each minibatch of a data batch of `whole_cases` cases
+    (over all ranks); returns this rank's device-side cost sums and cases."""
+    model.train()
     sums = {}
-    for mats in session.minibatches(batch):
-        for name, values in session.train_step(mats).items():
+    for mats, cases in strategy.minibatches(batch, whole_cases, minibatch):
+        for name, values in strategy.train_minibatch(mats, cases).items():
             sums[name] = values if name not in sums else sums[name] + values
-    return sums, batch.mats[0].shape[0]
+    return strategy.batch_costs(sums), batch.mats[0].shape[0]
 
 
-def train_passes(session, batch, schedule):
-    """The same for nets that run the pass schedule of spec §8 (hybrid or model parallel):
-    each minibatch is several forward/backward passes, updates included."""
-    sums = {}
-    for mats, cases in zip(session.minibatches(batch), session.minibatch_sizes(batch)):
-        costs = schedule.train_minibatch(mats, session.optimizer, session.autocast, cases)
-        for name, values in costs.items():
-            sums[name] = values if name not in sums else sums[name] + values
-    return schedule.folded_costs(sums), batch.mats[0].shape[0]
-
-
-def test_and_save(session):
+def test_and_save(run):
     """A test event: the test block, the weight statistics, a checkpoint (spec §7)."""
-    console = session.console
+    console, position = run.console, run.position
     started = time.perf_counter()
-    if session.pass_schedule is not None:
-        # Ranks train only the layers they hold; the test runs the whole net on every rank, and
-        # the statistics and checkpoint read it all, so every copy is made current here, the
-        # only time training needs it (not per batch).
-        session.pass_schedule.share_weights(session.optimizer)
-    sums, cases = run_test(session, session.test_batches_for_event())
-    costs = session.record_test(sums, cases)
-    averages = session.test_averages()
-    session.metrics.test_event(session.epoch, session.batchnum, step=session.batches_done(),
-                               costs=costs, averages=averages, cases=cases,
-                               seconds=time.perf_counter() - started)
+    run.strategy.before_test()
+    sums, cases = run_test(run.model, run.strategy, run.autocast,
+                           test_batches(run, one=bool(run.opts.test_one)), eval_minibatch(run.opts))
+    costs = run.history.record_test(sums, cases)
+    averages = run.history.test_averages()
+    run.metrics.test_event(position.epoch, position.batchnum, step=position.batches_done(),
+                           costs=costs, averages=averages, cases=cases,
+                           seconds=time.perf_counter() - started)
     console.write(report.test_block(costs, averages))
     # Not in the original: weights that test to NaN/Inf are not saved over the last good ones.
     check_finite(console, costs, "test cost")
-    console.write(report.weight_block(session.weight_stats()))
-    session.save()
-    console.write(report.saved_block(session.run_dir))
+    console.write(report.weight_block(weight_stats(run.model.weight_layers(), run.optimizer)))
+    run.checkpointer.save(run)
+    console.write(report.saved_block(run.checkpointer.run_dir))
 
 
 def check_finite(console, costs, what="cost"):

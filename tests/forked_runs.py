@@ -98,7 +98,7 @@ def serve():
     # (seconds) when the first optimizer is made.
     import torch._dynamo  # noqa: F401
     import torch.utils.serialization  # noqa: F401
-    from distconvnet import cli, session, train  # noqa: F401
+    from distconvnet import cli, run, train  # noqa: F401
     from distconvnet.parallel import spawn  # noqa: F401
     print("ready", flush=True)
     for line in sys.stdin:

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from distconvnet import fastpath
+from distconvnet import fastpath, knobs
 from distconvnet.layers import BuildContext
 from distconvnet.model import ConvNet
 from distconvnet.optim import Ccn2SGD
@@ -32,8 +32,10 @@ def cifar_net():
 
 def test_graphed_steps_train_like_eager_steps_as_the_rates_move():
     device = torch.device("cuda")
+    knobs.for_run(device, "fp32", deterministic=False)     # TF32 off, the trainer's stream
     torch.backends.cudnn.deterministic = True
-    eager_net = fastpath.place(cifar_net(), device, autotune=False)
+    torch.backends.cudnn.benchmark = False
+    eager_net = fastpath.place(cifar_net(), device)
     graphed_net = copy.deepcopy(eager_net)
     autocast = fastpath.autocast(device, "fp32")
     steps, optimizers = [], []

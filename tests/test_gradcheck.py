@@ -111,10 +111,10 @@ def test_a_wrong_gradient_fails(smooth_net, capsys, monkeypatch):
 
 
 def test_deterministic_option_turns_on_deterministic_algorithms(monkeypatch):
-    from distconvnet import session
+    from distconvnet import knobs
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
     try:
-        session.use_deterministic_algorithms()
+        knobs.use_deterministic_algorithms()
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     finally:

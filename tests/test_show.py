@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distconvnet import checkpoint, cli, show
+from distconvnet import checkpoint, cli, show, show_preds
 from distconvnet.errors import CheckpointError, OptionError
 from distconvnet.options import Options
 from distconvnet.providers import ProviderOptions, make_provider
@@ -169,10 +169,10 @@ def test_only_errors_shows_misclassified_images(run, tmp_path):
     opts = Options.from_dict(ckpt["options"])
     provider = make_provider("cifar", opts.data_path, [6], test=True,
                              options=ProviderOptions(inner_size=8))
-    net = show.build_net(ckpt, provider, torch.device("cpu"))
+    net = show_preds.build_net(ckpt, provider, torch.device("cpu"))
     batch = provider.get_next_batch()
     labels = batch.mats[1].long().numpy()
-    rows, probs = show.pick_cases(net, batch.mats, "probs", labels, True, 6)
+    rows, probs = show_preds.pick_cases(net, batch.mats, "probs", labels, True, 6)
     assert 0 < len(rows) <= 8
     assert (probs.argmax(axis=1) != labels[rows]).all()
 
@@ -181,7 +181,7 @@ def test_mean_is_added_back(run):
     data_path = Options.from_dict(checkpoint.load(run.run_dir)["options"]).data_path
     provider = make_provider("cifar", data_path, [6], test=True,
                              options=ProviderOptions(inner_size=8))
-    restored = show.restore_pixels(provider, provider.get_next_batch().mats[0])
+    restored = show_preds.restore_pixels(provider, provider.get_next_batch().mats[0])
     images, _ = provider._load(6)                           # the raw uint8 10x10 images
     raw = images[:, :, 1:9, 1:9].permute(0, 2, 3, 1).numpy() / 255
     assert np.abs(restored - raw).max() < 1e-5

@@ -69,3 +69,35 @@ def test_the_metas_img_size_and_classes_are_used(tmp_path, monkeypatch):
     assert lines == [f"Input: 28x28 3-channel images (from {data}/batches.meta)"]
     # the meta's 5 classes are checked against the net's 10-way softmax
     assert err.startswith("error: ") and "produces 10 outputs but must produce 5" in err
+
+
+HYBRID = ["--layer-def", "layers/layers-imagenet-2gpu-hybrid.cfg",
+          "--layer-params", "layers/layer-params-imagenet-2gpu-hybrid.cfg"]
+
+
+def test_each_ranks_program_prints_without_an_input_size(monkeypatch):
+    """The issue's command: the programs do not depend on the input size, so none is needed;
+    each rank's program is a few dozen lines, and each transfer shows at both of its ends."""
+    status, lines, err = summary([*HYBRID, "--world-size", "2", "--program"], monkeypatch)
+    assert (status, err) == (0, "")
+    assert lines[0].startswith("Input: none given; the ranks' programs do not depend on it")
+    assert not any(line.startswith("Initialized") for line in lines)    # no sizes are made up
+    starts = [lines.index(f"Rank {rank}: GPU index(es) {rank} of model group 0 (ranks 0, 1)")
+              for rank in (0, 1)]
+    zero, one = lines[starts[0]:starts[1]], lines[starts[1]:]
+    assert all(10 <= len(program) <= 60 for program in (zero, one))
+    assert zero[1:4] == ["  each minibatch: fetch data[0], labvec[0, 1]", "  pass 0:",
+                         "    forward conv1 … pool3_neuron (15 layers) on data[0]"]
+    assert one[3] == "    forward conv1 … pool3_neuron (15 layers) on data[1]"
+    assert "    send dropout1a[0] to rank 1" in zero
+    assert "    receive dropout1a[0] from rank 0" in one
+    assert "    send the gradient of dropout1a[0] to rank 0; backward from dropout1b" in one
+    assert "    receive the gradient of dropout1a[0] from rank 1; backward from dropout1a" in zero
+    assert sum(line == "    update: sum the due gradients of the layers ranks 0, 1 hold; step "
+               "the optimizer" for line in zero) == 2
+
+
+def test_a_program_needs_a_world_size(monkeypatch):
+    status, lines, err = summary([*HYBRID, "--program"], monkeypatch)
+    assert (status, lines) == (1, [])
+    assert err == "error: --program shows the ranks' programs: give --world-size N\n"

@@ -80,7 +80,16 @@ class Layer(nn.Module):
         raise NotImplementedError
 
     def set_params(self, sec):
-        """Read this layer's layer-params section (None when the file has none for it)."""
+        """Read this layer's layer-params section (None when the file has none for it, which
+        only a layer that does not need_params is given: read_params checks)."""
+
+    def read_params(self, sec, path):
+        """Read this layer's section `sec` of the layer-params file `path` (None if it has none,
+        which a layer that needs_params must not)."""
+        if sec is None and self.needs_params:
+            raise ConfigError(f"layer of type '{self.type_name}' requires extra parameters, "
+                              f"but there is no [{self.name}] section", path, layer=self.name)
+        self.set_params(sec)
 
     def forward(self, *xs):
         raise NotImplementedError
@@ -268,10 +277,6 @@ class WeightLayer(Layer):
         return out
 
     def set_params(self, sec):
-        if sec is None:
-            raise ConfigError(f"layer of type '{self.type_name}' requires extra parameters, "
-                              f"but none were given in the layer-params file",
-                              layer=self.name)
         n = len(self.weights)
 
         def schedules(key, count):

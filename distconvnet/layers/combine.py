@@ -9,7 +9,6 @@ input's shape and geometry.
 
 import torch
 
-from ..errors import ConfigError
 from .base import Layer, register
 
 
@@ -87,10 +86,6 @@ class EltwiseSumLayer(ElementwiseLayer):
         self.coeffs = [1.0] * len(inputs)
 
     def set_params(self, sec):
-        if sec is None:
-            raise ConfigError(f"layer of type '{self.type_name}' requires extra parameters "
-                              f"(coeffs), but none were given in the layer-params file",
-                              layer=self.name)
         n = len(self.input_names)
         self.coeffs = sec.list("coeffs", n, float, [1.0] * n, what="a number")
 

@@ -18,7 +18,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from .base import Layer, register
 
 
@@ -50,7 +49,6 @@ class CostLayer(Layer):
     allows_neuron = False
     needs_params = True
     num_inputs = 2          # (labels, predictions); sum2 has its one input
-    param_keys = "coeff"
 
     def parse(self, sec, inputs, ctx):
         self.outputs = 0
@@ -65,10 +63,6 @@ class CostLayer(Layer):
         """Type-specific input constraints (spec §4.3)."""
 
     def set_params(self, sec):
-        if sec is None:
-            raise ConfigError(f"layer of type '{self.type_name}' requires extra parameters "
-                              f"({self.param_keys}), but none were given in the layer-params "
-                              f"file", layer=self.name)
         self.coeff = sec.float("coeff")
 
     def init_line(self):
@@ -108,7 +102,6 @@ class LogregCostLayer(CostLayer):
     """Multinomial log-loss with top-1 and top-k errors and the tie rules of spec §6.3."""
 
     description = "logistic regression cost"
-    param_keys = "coeff, topk"
 
     def check_inputs(self, sec, inputs, ctx):
         labels = inputs[0]
@@ -191,7 +184,6 @@ class BinomialCrossEntCostLayer(CostLayer):
     """
 
     description = "binomial cross-entropy cost"
-    param_keys = "coeff, posWeight"
 
     def check_inputs(self, sec, inputs, ctx):
         labels, preds = inputs

@@ -8,7 +8,6 @@ masks come from the torch RNG.
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from .base import Layer, register
 
 
@@ -23,10 +22,6 @@ class DropoutLayer(Layer):
         self.enable, self.keep = True, 0.5
 
     def set_params(self, sec):
-        if sec is None:
-            raise ConfigError(f"layer of type '{self.type_name}' requires extra parameters "
-                              f"(enable, keep), but none were given in the layer-params file",
-                              layer=self.name)
         self.enable = sec.bool("enable", True)
         self.keep = sec.float("keep", 0.5)
         if not 0 < self.keep <= 1:

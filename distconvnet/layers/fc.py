@@ -51,7 +51,7 @@ class FullyConnectedLayer(WeightLayer):
 @register("sfc")
 class SplitFullyConnectedLayer(WeightLayer):
     description = "split fully-connected layer"
-    num_inputs = None
+    num_inputs = None       # any number, one matrix per input, as fc
 
     def parse(self, sec, inputs, ctx):
         self.parts = self.check_range(sec, "parts", sec.int("parts"), 1)

@@ -21,7 +21,6 @@ the formula, 33.9k with the hand-written function.
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from .base import Layer, register
 
 CROSS_MAP, BLOCKED, SPATIAL = "cross-map", "blocked", "spatial"
@@ -122,10 +121,6 @@ class NormLayer(Layer):
         return self.img_size, f"the input size {self.img_size}"
 
     def set_params(self, sec):
-        if sec is None:
-            raise ConfigError(f"layer of type '{self.type_name}' requires extra parameters "
-                              f"(scale, pow), but none were given in the layer-params file",
-                              layer=self.name)
         self.scale = self.check_range(sec, "scale", sec.float("scale"), 0.0, None, ">= 0")
         self.pow = self.check_range(sec, "pow", sec.float("pow"), 0.0, None, ">= 0")
         self.min_div = sec.float("minDiv", 1.0)

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import checkpoint
-from ..errors import CheckpointError, DistconvnetError, OptionError
+from ..errors import DistconvnetError, OptionError
 
 DEFAULT_TIMEOUT_S = 45
 # NVLink SHARP multicast is off in every process we start or join: it needs fabric manager
@@ -267,50 +266,9 @@ def _die_with_parent():
         raise DistributedError("the process that spawned this worker has exited")
 
 
-# -- where a restarted job resumes ---------------------------------------------------------------
-
-def newest_run_dir(save_path):
-    """The newest `ConvNet__<time>` directory of --save-path (by its timestamped name), or None."""
-    if not os.path.isdir(save_path):
-        return None
-    runs = sorted(name for name in os.listdir(save_path) if name.startswith("ConvNet__")
-                  and os.path.isdir(os.path.join(save_path, name)))
-    return os.path.join(save_path, runs[-1]) if runs else None
-
+# -- torchrun's agent ------------------------------------------------------------------------
 
 def agent_restarted(env=None):
     """Whether torchrun's agent of this rank has restarted its workers (--max-restarts)."""
     env = os.environ if env is None else env
     return _int(env, "TORCHELASTIC_RESTART_COUNT", 0) > 0
-
-
-def restart_checkpoint(cli, env=None, job_restarted=None):
-    """What a job restarted by torchrun --max-restarts resumes from, or None (start afresh).
-
-    --save-file DIR resumes by itself (spec §3.2); --load-file resumes the newest checkpoint of
-    its directory (the file loaded at first start may be gone: only the newest is kept); with
-    --save-path, the newest run directory of that path, which is this job's own: rank 0 creates
-    it at start under torchrun (see Session). A run that died before its first checkpoint starts
-    afresh. Whether the job restarted is this rank's agent's word unless `job_restarted` says:
-    the ranks agree on it (Session), as a node that replaces a failed one starts its first
-    workers into a restarted job."""
-    if job_restarted is None:
-        job_restarted = agent_restarted(env)
-    if not job_restarted:
-        return None
-    if cli.is_given("load_file"):
-        path = cli.load_file
-        return path if os.path.isdir(path) else os.path.dirname(path) or "."
-    if cli.is_given("save_path") and not cli.is_given("save_file_override"):
-        run = newest_run_dir(cli.save_path)
-        if run is not None and _has_checkpoint(run):
-            return run
-    return None
-
-
-def _has_checkpoint(run_dir):
-    try:
-        checkpoint.resolve(run_dir)
-    except CheckpointError:
-        return False
-    return True

@@ -4,18 +4,17 @@ Format knowledge lives here once (spec §10.1, §10.4): `batches.meta` and `data
 a batch is either one pickle file (CIFAR) or a directory of sub-files `data_batch_<N>.0, .1, ...`
 (ImageNet). All reading goes through `safepickle`, so a batch file can never run code.
 
-Also here: the provider contract's small types (`ProviderOptions`, `DataBatch`), the
-(epoch, batchnum) cursor in ccn2's order (spec §2), the per-batch random generator, and the
-sharding arithmetic for data-parallel ranks.
+Also here: the provider contract (`Provider`, with its small types `ProviderOptions` and
+`DataBatch`, and `CursorProvider`, what every provider shares), the (epoch, batchnum) cursor in
+ccn2's order (spec §2) and the per-batch random generator.
 """
 
 import dataclasses
-import math
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -207,6 +206,57 @@ def write_batch(data_path, n, batch, sub_batch_size=None):
 # What every provider shares
 
 
+@runtime_checkable
+class Provider(Protocol):
+    """What the run asks of a data provider (providers/__init__.py builds one by name).
+
+    Built with (data_path or dims, batch_range, init_epoch, init_batchnum, test, options, rank,
+    world_size), it walks its batch range in ccn2's order from (init_epoch, init_batchnum) and
+    keeps only `rank`'s cases of each batch (parallel/sharding.py)."""
+
+    batch_meta: dict
+    cursor: tuple                     # (epoch, batchnum) of the batch get_next_batch returns
+
+    def get_next_batch(self) -> DataBatch: ...
+
+    def get_data_dims(self, idx=0) -> int: ...
+
+    def get_num_classes(self) -> int: ...
+
+    def num_cases(self, batchnum) -> int: ...     # the whole batch's, over all ranks
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state) -> None: ...
+
+    def take_warnings(self) -> list: ...         # what it handled on its own, since last asked
+
+    def close(self) -> None: ...
+
+
+class CursorProvider:
+    """A provider whose state is its cursor: every draw comes from (seed, epoch, batchnum)."""
+
+    def __init__(self, batch_range, init_epoch, init_batchnum):
+        self._cursor = BatchCursor(batch_range, init_epoch, init_batchnum)
+
+    @property
+    def cursor(self):
+        return self._cursor.position
+
+    def state_dict(self):
+        return self._cursor.state_dict()
+
+    def load_state_dict(self, state):
+        self._cursor.load_state_dict(state)
+
+    def take_warnings(self):
+        return []
+
+    def close(self):
+        pass
+
+
 class BatchCursor:
     """The (epoch, batchnum) of the next batch, advanced in ccn2's order (spec §2): the range as
     given, then epoch + 1. As in ccn2's DataProvider, a start batch outside the range means the
@@ -251,21 +301,3 @@ def batch_generator(seed, epoch, batchnum):
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int(state[0]) << 32 | int(state[1]))
     return generator
-
-
-def shard_indices(num_cases, minibatch, rank, world_size):
-    """The cases of a batch that belong to `rank`: from every minibatch slice [i*M, (i+1)*M)
-    (the last one may be shorter), the rank-th of world_size contiguous parts of ceil(len/W)
-    cases, as ccn2 cut a minibatch into microbatches (spec §8). A rank may get no cases of a
-    short slice. Over all ranks, every case appears exactly once."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
-    if minibatch < 1:
-        raise ValueError(f"minibatch must be positive, got {minibatch}")
-    pieces = []
-    for start in range(0, num_cases, minibatch):
-        length = min(minibatch, num_cases - start)
-        part = math.ceil(length / world_size)
-        lo, hi = min(rank * part, length), min((rank + 1) * part, length)
-        pieces.append(np.arange(start + lo, start + hi, dtype=np.int64))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)

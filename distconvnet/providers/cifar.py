@@ -16,15 +16,16 @@ import numpy as np
 import torch
 
 from ..errors import DataError, OptionError
-from .batches import (META_NAME, BatchCursor, DataBatch, ProviderOptions, batch_generator,
+from ..parallel.sharding import shard_indices
+from .batches import (META_NAME, CursorProvider, DataBatch, ProviderOptions, batch_generator,
                       batch_path, list_batches, load_meta, meta_int, read_batch,
-                      require_batches, shard_indices)
+                      require_batches)
 
 NUM_COLORS = 3
 NUM_VIEWS = 9      # the 3x3 grid of crop origins, no flips (spec §10.4; image gives 10, §15.15)
 
 
-class CIFARDataProvider:
+class CIFARDataProvider(CursorProvider):
     description = "CIFAR-10 data provider"
 
     def __init__(self, data_path, batch_range=None, *, init_epoch=1, init_batchnum=None,
@@ -38,7 +39,7 @@ class CIFARDataProvider:
         self.test, self.options = test, options
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(options.device)
-        self._cursor = BatchCursor(self.batch_range, init_epoch, init_batchnum)
+        super().__init__(self.batch_range, init_epoch, init_batchnum)
         self.label_names = self._check_label_names()
         self.img_size = meta_int(self.data_path, self.batch_meta, "img_size", 32, minimum=1)
         self.inner_size = options.inner_size or self.img_size
@@ -57,11 +58,7 @@ class CIFARDataProvider:
         self._loaded = {}
         self._cases = {}      # batchnum -> (cases in the whole batch, this rank's rows or None)
 
-    # -- the provider contract ----------------------------------------------------------------
-
-    @property
-    def cursor(self):
-        return self._cursor.position
+    # -- the provider contract (batches.Provider) ----------------------------------------------
 
     def get_next_batch(self):
         epoch, batchnum = self._cursor.advance()
@@ -100,13 +97,6 @@ class CIFARDataProvider:
         """Cases in the whole data batch (before sharding, one view)."""
         self._load(batchnum)
         return self._cases[batchnum][0]
-
-    def state_dict(self):
-        """The cursor is all: crops and flips come from (seed, epoch, batchnum)."""
-        return self._cursor.state_dict()
-
-    def load_state_dict(self, state):
-        self._cursor.load_state_dict(state)
 
     # -- loading and checking -----------------------------------------------------------------
 

@@ -11,13 +11,14 @@ import math
 
 import torch
 
-from .batches import BatchCursor, DataBatch, ProviderOptions, shard_indices
+from ..parallel.sharding import shard_indices
+from .batches import CursorProvider, DataBatch, ProviderOptions
 
 NUM_CLASSES = 10
 NUM_CASES = 7
 
 
-class LabeledDummyDataProvider:
+class LabeledDummyDataProvider(CursorProvider):
     description = "Labeled dummy data provider"
 
     def __init__(self, data_dim, batch_range=None, *, init_epoch=1, init_batchnum=None,
@@ -29,7 +30,7 @@ class LabeledDummyDataProvider:
         self.label_names = [str(i) for i in range(NUM_CLASSES)]
         self.batch_meta = {"num_vis": self.data_dim, "label_names": self.label_names,
                            "data_in_rows": True}
-        self._cursor = BatchCursor(self.batch_range, init_epoch, init_batchnum)
+        super().__init__(self.batch_range, init_epoch, init_batchnum)
         self._num_cases = num_cases
         device = torch.device(options.device)
         generator = torch.Generator(device=device)
@@ -49,10 +50,6 @@ class LabeledDummyDataProvider:
             return data.view(-1, 3, side, side)
         return data
 
-    @property
-    def cursor(self):
-        return self._cursor.position
-
     def get_next_batch(self):
         epoch, batchnum = self._cursor.advance()
         return DataBatch(epoch, batchnum, list(self._mats), 1)
@@ -65,12 +62,6 @@ class LabeledDummyDataProvider:
 
     def num_cases(self, batchnum):
         return self._num_cases
-
-    def state_dict(self):
-        return self._cursor.state_dict()
-
-    def load_state_dict(self, state):
-        self._cursor.load_state_dict(state)
 
 
 class DummyConvNetLogRegDataProvider(LabeledDummyDataProvider):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, OptionError
-from .batches import (META_NAME, BatchCursor, DataBatch, ProviderOptions, list_batches,
+from .batches import (META_NAME, CursorProvider, DataBatch, ProviderOptions, list_batches,
                       load_meta, meta_int, read_batch, require_batches)
 from .image_plan import NUM_COLORS, NUM_VIEWS, CasePlanner, JpegRuns, jpeg_size
 from .image_reader import ImageReader, ReadBatch
@@ -70,7 +70,7 @@ def image_graph(num_views, inner, scale, decoder_device):
     return views
 
 
-class ImageDataProvider:
+class ImageDataProvider(CursorProvider):
     description = "JPEG-encoded image data provider"
     # Measured on one H200 with 256x256 batch JPEGs (BENCHMARKS.md): runs of 256 images, 3 in
     # flight, and at most 8 DALI threads per process decode fastest.
@@ -90,7 +90,7 @@ class ImageDataProvider:
         if self.device.type == "cuda" and self.device.index is None:
             # The decoder thread has its own current device: name ours explicitly.
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._cursor = BatchCursor(batch_range, init_epoch, init_batchnum)
+        super().__init__(batch_range, init_epoch, init_batchnum)
         self.multiview = bool(options.multiview) and test
         self.num_views = NUM_VIEWS if self.multiview else 1
         self.noise = 0.0 if test else float(options.color_noise)
@@ -111,11 +111,7 @@ class ImageDataProvider:
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.device)
 
-    # -- the provider contract ----------------------------------------------------------------
-
-    @property
-    def cursor(self):
-        return self._cursor.position
+    # -- the provider contract (batches.Provider) ----------------------------------------------
 
     def get_next_batch(self):
         key = self._cursor.position
@@ -146,12 +142,8 @@ class ImageDataProvider:
             self._num_cases[batchnum] = len(read_batch(self.data_path, batchnum)["data"])
         return self._num_cases[batchnum]
 
-    def state_dict(self):
-        """The cursor is all: every draw comes from (seed, epoch, batchnum)."""
-        return self._cursor.state_dict()
-
     def load_state_dict(self, state):
-        self._cursor.load_state_dict(state)
+        super().load_state_dict(state)
         self._discard_prefetch()
 
     def take_warnings(self):

@@ -19,7 +19,8 @@ import torch
 
 from .. import safepickle
 from ..errors import DataError, brief
-from .batches import sub_batch_files, batch_generator, batch_path, read_batch, shard_indices
+from ..parallel.sharding import shard_indices
+from .batches import sub_batch_files, batch_generator, batch_path, read_batch
 
 NUM_COLORS = 3
 NUM_VIEWS = 10            # 5 crops x {plain, mirrored} (spec §10.3; cifar has 9, §15 item 15)

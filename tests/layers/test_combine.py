@@ -122,7 +122,7 @@ def test_eltsum_requires_a_params_section(make_layer):
     layer = make_layer(cfg("eltsum"), [FakeInput("a", outputs=6), FakeInput("b", outputs=6)])
     assert layer.needs_params
     with pytest.raises(ConfigError, match="layer 'mix': .*requires extra parameters"):
-        layer.set_params(None)
+        layer.read_params(None, "params.cfg")
 
 
 # -- eltmax ----------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ def test_every_cost_needs_its_params_section_and_takes_no_neuron(make_layer, typ
     names, inputs = ("probs", inputs[1:]) if type_name == "cost.sum2" else ("labels,probs", inputs)
     layer = make_layer(cost_cfg(type_name, names), inputs)
     with pytest.raises(ConfigError, match="layer 'logprob': .*requires extra parameters"):
-        layer.set_params(None)
+        layer.read_params(None, "params.cfg")
     with pytest.raises(ConfigError) as excinfo:
         make_layer(cost_cfg(type_name, names, neuron="relu"), inputs)
     check_error(excinfo, 4, "logprob", "neuron= is not allowed")

@@ -118,7 +118,7 @@ def test_a_params_section_is_required(make_layer):
     layer = make_layer("[drop]\ntype=dropout\ninputs=in\n", [FakeInput(outputs=DIM)])
     assert layer.needs_params
     with pytest.raises(ConfigError, match="layer 'drop': .*requires extra parameters"):
-        layer.set_params(None)
+        layer.read_params(None, "params.cfg")
 
 
 def test_dropout_takes_one_input(make_layer):

@@ -270,7 +270,7 @@ def test_param_errors(make_layer, params, key, fragment):
 def test_missing_params_section_names_the_layer(make_layer):
     layer = make_layer(section("cnorm", size=3), [FakeInput(channels=4, size=3)])
     with pytest.raises(ConfigError, match=r"layer 'p': layer of type 'cnorm' requires extra"):
-        layer.set_params(None)
+        layer.read_params(None, "params.cfg")
 
 
 # -- parse errors -------------------------------------------------------------------------------

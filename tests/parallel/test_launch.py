@@ -4,7 +4,7 @@ restarted job resumes, and how a lost peer reads: pure functions of the environm
 import pytest
 import torch
 
-from distconvnet import checkpoint, options
+from distconvnet import checkpoint, options, runplan
 from distconvnet.errors import OptionError
 from distconvnet.parallel import launch
 from distconvnet.parallel.launch import DistributedError, LaunchInfo, launch_info
@@ -187,37 +187,37 @@ def save_run(save_path, name, with_checkpoint=True):
 
 def test_a_first_start_resumes_nothing_by_itself(tmp_path):
     save_run(tmp_path, "ConvNet__2026-01-01_00.00.00")
-    assert launch.restart_checkpoint(cli("--save-path", str(tmp_path)), env={}) is None
+    assert runplan.restart_checkpoint(cli("--save-path", str(tmp_path)), env={}) is None
 
 
 def test_a_restart_resumes_the_newest_run_of_the_save_path(tmp_path):
     restart = {"TORCHELASTIC_RESTART_COUNT": "1"}
     save_run(tmp_path, "ConvNet__2026-01-01_00.00.00")
     newest = save_run(tmp_path, "ConvNet__2026-01-02_00.00.00")
-    assert launch.restart_checkpoint(cli("--save-path", str(tmp_path)), env=restart) == newest
+    assert runplan.restart_checkpoint(cli("--save-path", str(tmp_path)), env=restart) == newest
     # This job's own directory without a checkpoint yet: start afresh, not an older run.
     save_run(tmp_path, "ConvNet__2026-01-03_00.00.00", with_checkpoint=False)
-    assert launch.restart_checkpoint(cli("--save-path", str(tmp_path)), env=restart) is None
+    assert runplan.restart_checkpoint(cli("--save-path", str(tmp_path)), env=restart) is None
 
 
 def test_a_restart_resumes_the_directory_of_a_loaded_file(tmp_path):
     restart = {"TORCHELASTIC_RESTART_COUNT": "2"}
     run = save_run(tmp_path, "ConvNet__x")
-    assert launch.restart_checkpoint(cli("--load-file", f"{run}/1.2"), env=restart) == run
-    assert launch.restart_checkpoint(cli("--load-file", run), env=restart) == run
+    assert runplan.restart_checkpoint(cli("--load-file", f"{run}/1.2"), env=restart) == run
+    assert runplan.restart_checkpoint(cli("--load-file", run), env=restart) == run
     # --save-file resumes by itself (spec §3.2)
-    assert launch.restart_checkpoint(cli("--save-file", run), env=restart) is None
+    assert runplan.restart_checkpoint(cli("--save-file", run), env=restart) is None
 
 
 def test_a_node_that_joins_a_restarted_job_resumes_with_it(tmp_path):
-    """A replacement node's agent has restarted nothing; the job it joins has (Session asks
+    """A replacement node's agent has restarted nothing; the job it joins has (build_run asks
     the ranks), and its workers resume the same checkpoint."""
     newest = save_run(tmp_path, "ConvNet__2026-01-02_00.00.00")
     first_start = {"TORCHELASTIC_RESTART_COUNT": "0"}
     assert not launch.agent_restarted(first_start)
-    assert launch.restart_checkpoint(cli("--save-path", str(tmp_path)), env=first_start) is None
-    assert launch.restart_checkpoint(cli("--save-path", str(tmp_path)), env=first_start,
-                                     job_restarted=True) == newest
+    assert runplan.restart_checkpoint(cli("--save-path", str(tmp_path)), env=first_start) is None
+    assert runplan.restart_checkpoint(cli("--save-path", str(tmp_path)), env=first_start,
+                                      job_restarted=True) == newest
 
 
 # -- lost peers ------------------------------------------------------------------------------------

@@ -1,32 +1,20 @@
 """parallel/model_parallel.py: the pass semantics of spec §8 on one process, and SPMD over gloo
-processes giving the same losses and weights as one process; the trainer likewise, also on two
-GPUs over NCCL where there are two (marked nccl)."""
+processes giving the same losses and weights as one process (the trainer on these nets:
+test_model_parallel_trainer.py)."""
 
 import contextlib
 import math
 import os
-import re
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from dp_helpers import DEVICE_ARGS, assert_same_history, run_ok, single
-from trainer_fixtures import (event_costs, run_convnet, run_dir_of, run_in_process,
-                              tiny_args)
+from net_helpers import LAYERS, TINY, cfg_text, no_dropout, with_update_period
 
-from distconvnet import checkpoint, fastpath
-from distconvnet.layers import BuildContext
+from distconvnet import fastpath
 from distconvnet.model import ConvNet
 from distconvnet.optim import Ccn2SGD
-from distconvnet.parallel.model_parallel import (PassSchedule, _decode_layout, _empty,
-                                                 _encode_layout, _flat_views,
-                                                 _laid_out, _layout_of)
+from distconvnet.parallel.model_parallel import PassSchedule
 from distconvnet.parallel.plan import Plan, nodes_of
-
-LAYERS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))), "layers")
-TINY = BuildContext({0: 3 * 8 * 8, 1: 1}.__getitem__, 10)
 
 
 @pytest.fixture(autouse=True)
@@ -38,12 +26,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def cfg_text(name, kind):
-    prefix = "layers" if kind == "def" else "layer-params"
-    with open(os.path.join(LAYERS, f"{prefix}-{name}.cfg")) as f:
-        return f.read()
-
-
 def build(name, seed=0, params=None, layer_def=None):
     """A net from layers/, with initial weights fixed by `seed`; texts may replace the files."""
     torch.manual_seed(seed)
@@ -51,11 +33,6 @@ def build(name, seed=0, params=None, layer_def=None):
                     os.path.join(LAYERS, f"layer-params-{name}.cfg"), TINY,
                     layer_def_text=layer_def, layer_params_text=params)
     return model.train()
-
-
-def with_update_period(text, period):
-    """The params text with every `updatePeriod=1` replaced (None: removed, the default 0)."""
-    return text.replace("updatePeriod=1\n", "" if period is None else f"updatePeriod={period}\n")
 
 
 def minibatches(count, cases, seed=1):
@@ -280,35 +257,6 @@ def test_compiled_segments_train_as_the_plain_ones(monkeypatch, graph_break):
 
 # -- SPMD: one process per GPU index, gloo on the CPU -----------------------------------------
 
-@pytest.mark.parametrize("tensor", [torch.randn(3, 8, 5, 5).to(memory_format=torch.channels_last),
-                                    torch.randn(3, 10).bfloat16(), torch.randn(0, 4, 2, 2)],
-                         ids=["channels_last", "bf16", "no rows"])
-def test_a_transfer_header_gives_the_receiver_the_senders_layout(tensor):
-    layout = _layout_of(tensor)
-    assert _decode_layout(_encode_layout(layout, tensor.device).tolist()) == layout
-    rows = tensor.shape[0]
-    sent, buffer = _laid_out(tensor, layout, rows), _empty(layout, rows, tensor.device)
-    assert (buffer.shape, buffer.stride(), buffer.dtype) == (sent.shape, sent.stride(), sent.dtype)
-    with pytest.raises(RuntimeError, match="receiver expects"):
-        _laid_out(tensor, layout, rows + 1)
-
-
-def test_flat_views_cover_the_buffer_once_in_each_tensors_layout():
-    tensors = [torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last), torch.randn(5),
-               torch.randn(2, 3)]
-    flat, views = _flat_views(tensors)
-    torch._foreach_copy_(views, tensors)
-    for view, tensor in zip(views, tensors):
-        assert view.stride() == tensor.stride() and torch.equal(view, tensor)
-    flat.copy_(torch.arange(flat.numel()))
-    assert sorted(torch.cat([v.flatten() for v in views]).tolist()) == list(range(flat.numel()))
-
-
-def no_dropout(text):
-    """Dropout masks are drawn per process; with them off, SPMD and one process must agree."""
-    return text.replace("enable=true", "enable=false")
-
-
 def bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
@@ -430,94 +378,3 @@ def test_spmd_equals_one_process(spmd_results, world_size, index):
     assert got["remote"] > 0 and got["remote_untouched"]
     # ... and its transfers sent their shapes ahead on the first minibatch only.
     assert got["layouts"][0] > 0 and len(set(got["layouts"])) == 1
-
-
-# -- the trainer: `convnet.py --gpu 0,1` and `--gpu 0,1,2,3` on the hybrid net, against one --
-
-def assert_close_parameters(expected, got, rtol, atol, label):
-    """Two checkpoints' weights and increments (the momentum, of a tenth the size: atol / 10),
-    layer by layer."""
-    for part, part_atol in (("weights", atol), ("increments", atol / 10)):
-        for name, entry in expected[part].items():
-            theirs = got[part][name]
-            for a, b in zip(entry["weights"] + [entry["biases"]],
-                            theirs["weights"] + [theirs["biases"]]):
-                np.testing.assert_allclose(b, a, rtol=rtol, atol=part_atol,
-                                           err_msg=f"{label}: {part} of {name}")
-
-
-def test_trainer_runs_the_hybrid_net_on_two_and_four_processes_as_on_one(
-        digit_cifar, tmp_path, monkeypatch):
-    params = tmp_path / "params.cfg"
-    params.write_text(no_dropout(cfg_text("test-4gpu-data-model", "params")))
-    shares = []
-    share_weights = PassSchedule.share_weights
-    monkeypatch.setattr(PassSchedule, "share_weights",
-                        lambda schedule, optimizer: (shares.append(optimizer.progress),
-                                                     share_weights(schedule, optimizer)))
-    runs = {}
-    for gpus in ("0", "0,1", "0,1,2,3"):
-        argv = tiny_args(digit_cifar, tmp_path / f"save{len(gpus)}", "--train-range", "1-2",
-                         "--test-range", "6", "--epochs", 1, "--test-freq", 2, "--seed", 5,
-                         "--device", "cpu",
-                         layer_def=Path(LAYERS) / "layers-test-4gpu-data-model.cfg",
-                         layer_params=params)
-        argv[argv.index("--gpu") + 1] = gpus
-        # One process runs here, where its calls can be counted; the others as real jobs.
-        status, out, err = run_in_process(argv) if gpus == "0" else \
-            run_convnet(argv, timeout=600)
-        assert status == 0, err
-        runs[gpus] = (checkpoint.load(run_dir_of(out)), event_costs(out))
-    # Two training batches, one test event: the whole net was shared for it, not per batch.
-    assert len(shares) == 1
-    one, one_costs = runs["0"]
-    for gpus in ("0,1", "0,1,2,3"):
-        ckpt, costs = runs[gpus]
-        np.testing.assert_allclose(costs, one_costs, rtol=1e-5)
-        assert_close_parameters(one, ckpt, rtol=1e-4, atol=1e-6, label=gpus)
-
-
-# -- the trainer on two GPUs, NCCL between the ranks, against one process on one GPU ----------
-
-# --compile 1, what users get on CUDA (auto), on the float32 path: each rank compiles its
-# segments with inductor.
-COMPILED = ["--device", "cuda", "--precision", "fp32", "--compile", "1"]
-# Float32 tolerances of the eager runs: the cost sums (relative), the weights (relative,
-# absolute: 3x the CPU test's atol, for dp_helpers.CUDA_SLACK's reason). Compiled segments round
-# otherwise (fused kernels; the response norms run their formula instead of the hand-written
-# gradient), so they only agree roughly.
-EAGER_TOLERANCES, COMPILED_TOLERANCES = (1e-5, 1e-4, 3e-6), (1e-3, 1e-3, 1e-4)
-# name: (net, updatePeriod of its fc layers, the two GPUs' device options, tolerances). One GPU
-# always runs eager (DEVICE_ARGS["cuda"]). The hybrid's fc layers update after every pass (the
-# file's updatePeriod=1; the default, 0, means the same), or once a minibatch (2: both passes).
-NCCL_RUNS = {
-    "two-tower": ("test-2gpu-model", None, DEVICE_ARGS["cuda"], EAGER_TOLERANCES),
-    "hybrid-updatePeriod1": ("test-2gpu-hybrid", 1, DEVICE_ARGS["cuda"], EAGER_TOLERANCES),
-    "hybrid-updatePeriod2": ("test-2gpu-hybrid", 2, DEVICE_ARGS["cuda"], EAGER_TOLERANCES),
-    "two-tower-compiled": ("test-2gpu-model", None, COMPILED, COMPILED_TOLERANCES),
-}
-
-
-@pytest.mark.nccl
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(NCCL_RUNS))
-def test_trainer_runs_the_model_parallel_nets_on_two_gpus_as_on_one(
-        digit_cifar, tmp_path, name):
-    net, period, two_gpu_options, (cost_rtol, rtol, atol) = NCCL_RUNS[name]
-    params = tmp_path / "params.cfg"
-    params.write_text(no_dropout(with_update_period(cfg_text(net, "params"), period)))
-    runs = {}
-    for gpus, device_options in (("0", DEVICE_ARGS["cuda"]), ("0,1", two_gpu_options)):
-        argv = tiny_args(digit_cifar, tmp_path / f"save{len(gpus)}", "--train-range", "1-2",
-                         "--test-range", "6", "--epochs", 1, "--test-freq", 2, "--seed", 5,
-                         *device_options, layer_def=Path(LAYERS) / f"layers-{net}.cfg",
-                         layer_params=params)
-        argv[argv.index("--gpu") + 1] = gpus
-        # A rank compiling its segments (first minibatch, first test) keeps the other waiting in
-        # a receive, which on a cold compile cache may outlast the default collective timeout.
-        out, _ = run_ok(single(argv), timeout=600, DISTCONVNET_TIMEOUT="300")
-        runs[gpus] = out, checkpoint.load(run_dir_of(out))
-    assert re.search(r"^Running on CUDA device\(s\) 0, 1$", runs["0,1"][0], re.M)
-    one, two = runs["0"][1], runs["0,1"][1]
-    assert_same_history(one, two, cost_rtol)
-    assert_close_parameters(one, two, rtol, atol, name)

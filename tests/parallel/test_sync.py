@@ -1,6 +1,6 @@
-"""The pieces of data_parallel.py that need no second process: shard arithmetic, the forward
-each rank runs (scaling and the stand-in for an empty shard), cost sums and row gathering over
-ranks simulated in one process, and which of them talk to the other ranks."""
+"""The pieces of the strategies that need no second process: shard arithmetic, the forward
+each data-parallel rank runs (scaling and the stand-in for an empty shard), cost sums and row
+gathering over ranks simulated in one process, and which of them talk to the other ranks."""
 
 import numpy as np
 import pytest
@@ -8,11 +8,22 @@ import torch
 
 from distconvnet.errors import OptionError
 from distconvnet.model import NetOutput
-from distconvnet.parallel import data_parallel
-from distconvnet.parallel.data_parallel import (SingleProcess, _Ranks, cost_layout, pack_costs,
-                                                shard_sizes)
+from distconvnet.parallel.data_parallel import scaled_forward
 from distconvnet.parallel.launch import DistributedError, LaunchInfo
-from distconvnet.providers.batches import shard_indices
+from distconvnet.parallel.ranks import OneProcess, join_job
+from distconvnet.parallel.sharding import shard_indices, shard_sizes
+from distconvnet.parallel.single import SingleProcess
+from distconvnet.parallel.strategy import Ranked, cost_layout, pack_costs
+from distconvnet.providers import DataBatch
+
+CPU = torch.device("cpu")
+
+
+def piece_sizes(strategy, num_cases, minibatch):
+    """The sizes of this rank's pieces of a batch whose rows this rank holds."""
+    rows = sum(shard_sizes(num_cases, minibatch, strategy.rank, strategy.world_size))
+    batch = DataBatch(1, 1, [torch.zeros(rows, 2)], 1)
+    return [mats[0].shape[0] for mats, _ in strategy.minibatches(batch, num_cases, minibatch)]
 
 
 @pytest.mark.parametrize("num_cases, minibatch, world_size", [
@@ -27,17 +38,25 @@ def test_shard_sizes_are_the_pieces_of_shard_indices(num_cases, minibatch, world
                for r in range(world_size)) == num_cases
 
 
+def one_process():
+    return SingleProcess(OneProcess(CPU), None, torch.nn.Linear(2, 2), CPU, False)
+
+
 def test_one_process_takes_whole_minibatches():
-    assert SingleProcess().shard_sizes(300, 128) == [128, 128, 44]
+    strategy = one_process()
+    assert piece_sizes(strategy, 300, 128) == [128, 128, 44]
+    batch = DataBatch(1, 1, [torch.zeros(300, 2)], 1)
+    assert [cases for _, cases in strategy.minibatches(batch, 300, 128)] == [128, 128, 44]
 
 
-class SimulatedRanks(_Ranks):
+class SimulatedRanks:
     """Rank `rank` of a world whose other ranks' contributions are given up front: `others`
     for the object collectives, `costs` {rank: (cost sums, cases)} for the all-reduce of cost
-    sums. It counts the collectives it takes part in."""
+    sums. It counts the collectives it takes part in. Ranked(it) is a strategy's share."""
 
     def __init__(self, rank, world_size, others, costs=None):
-        super().__init__(LaunchInfo(rank, rank, world_size, "torchrun"), torch.device("cpu"))
+        self.rank, self.world_size, self.is_master = rank, world_size, rank == 0
+        self.device = CPU
         self.others, self.costs = others, costs or {}
         self.collectives = 0
 
@@ -51,20 +70,27 @@ class SimulatedRanks(_Ranks):
     def sum_on_every_rank(self, values):
         self.collectives += 1
         for rank, (sums, cases) in self.costs.items():
-            values = values + pack_costs(sums, cases, self.cost_layout, values.device, rank)
+            values = values + pack_costs(sums, cases, self.strategy.cost_layout, values.device,
+                                         rank)
         return values
 
 
+def ranked(rank, world_size, others, costs=None):
+    """A strategy's collectives over simulated ranks, which see the layout it agreed."""
+    ranks = SimulatedRanks(rank, world_size, others, costs)
+    ranks.strategy = Ranked(ranks)
+    return ranks.strategy
+
+
 def test_minibatch_pieces_come_from_the_whole_batch_count_without_asking_the_others():
-    ranks = SimulatedRanks(1, 2, {})
-    assert ranks.shard_sizes(27, 13) == [6, 6, 0]
-    assert ranks.collectives == 0
+    strategy = ranked(1, 2, {})
+    assert piece_sizes(strategy, 27, 13) == [6, 6, 0]
+    assert strategy.ranks.collectives == 0
 
 
 def test_each_rank_backpropagates_world_size_times_its_objective():
-    ranks = SimulatedRanks(0, 4, {})
-    forward = ranks.forward_fn(lambda mats: NetOutput(mats[0].sum(), {"cost": mats[0].sum(0)},
-                                                      {}))
+    forward = scaled_forward(lambda mats: NetOutput(mats[0].sum(), {"cost": mats[0].sum(0)},
+                                                    {}), 4)
     out = forward([torch.ones(3, 2)])
     assert out.objective.item() == 4 * 6
     assert out.costs["cost"].tolist() == [3.0, 3.0]      # costs are not scaled
@@ -78,7 +104,7 @@ def test_an_empty_shard_runs_a_zero_stand_in_that_contributes_nothing():
         seen.append(tuple(m.shape for m in mats))
         return NetOutput((mats[0] @ weight).sum() + 1, {"cost": torch.tensor([5.0, 1.0])}, {})
 
-    out = SimulatedRanks(1, 2, {}).forward_fn(net)([torch.zeros(0, 2), torch.zeros(0)])
+    out = scaled_forward(net, 2)([torch.zeros(0, 2), torch.zeros(0)])
     assert seen == [((1, 2), (1,))]
     out.objective.backward()
     assert out.objective.item() == 0 and weight.grad.tolist() == [0.0, 0.0]
@@ -89,26 +115,25 @@ def test_cost_sums_add_over_ranks_in_float64_in_one_all_reduce_per_batch():
     """Rank 2's test shard is empty: it has no sums, and the agreed layout gives it zeros."""
     costs = {1: ({"logprob": torch.tensor([1.5, 2.0]), "sq": torch.tensor([4.0])}, 7),
              2: ({}, 0)}
-    ranks = SimulatedRanks(0, 3, {r: cost_layout(sums) for r, (sums, _) in costs.items()},
-                           costs)
+    strategy = ranked(0, 3, {r: cost_layout(sums) for r, (sums, _) in costs.items()}, costs)
     mine = {"logprob": torch.tensor([0.25, 1.0]), "sq": torch.tensor([0.5])}
-    sums, cases = ranks.sum_over_ranks(mine, 6)
+    sums, cases = strategy.sum_over_ranks(mine, 6)
     assert cases == 13
     assert sums["logprob"].dtype == torch.float64 and sums["logprob"].tolist() == [1.75, 3.0]
     assert sums["sq"].tolist() == [4.5]
-    assert ranks.collectives == 2                   # the layout, once per run, and the sums
-    ranks.sum_over_ranks(mine, 6)
-    assert ranks.collectives == 3
+    assert strategy.ranks.collectives == 2          # the layout, once per run, and the sums
+    strategy.sum_over_ranks(mine, 6)
+    assert strategy.ranks.collectives == 3
 
 
 def test_costs_that_do_not_fit_the_runs_layout_are_refused():
-    ranks = SimulatedRanks(0, 2, {1: [("logprob", 3)]}, {1: ({}, 0)})
+    strategy = ranked(0, 2, {1: [("logprob", 3)]}, {1: ({}, 0)})
     with pytest.raises(DistributedError, match="rank 1 has 3 values of cost 'logprob'"):
-        ranks.sum_over_ranks({"logprob": torch.tensor([0.25, 1.0])}, 6)
-    ranks = SimulatedRanks(0, 2, {1: [("logprob", 2)]}, {1: ({}, 0)})
-    ranks.sum_over_ranks({"logprob": torch.tensor([0.25, 1.0])}, 6)
+        strategy.sum_over_ranks({"logprob": torch.tensor([0.25, 1.0])}, 6)
+    strategy = ranked(0, 2, {1: [("logprob", 2)]}, {1: ({}, 0)})
+    strategy.sum_over_ranks({"logprob": torch.tensor([0.25, 1.0])}, 6)
     with pytest.raises(DistributedError, match="rank 0's cost 'other'"):
-        ranks.sum_over_ranks({"other": torch.tensor([1.0])}, 6)
+        strategy.sum_over_ranks({"other": torch.tensor([1.0])}, 6)
 
 
 def test_rows_come_back_in_the_batchs_order():
@@ -116,29 +141,28 @@ def test_rows_come_back_in_the_batchs_order():
     rows = torch.arange(num_cases, dtype=torch.float32)[:, None] * torch.ones(1, 2)
     parts = {r: [rows[torch.from_numpy(shard_indices(num_cases, minibatch, r, world))]]
              for r in range(world)}
-    master = SimulatedRanks(0, world, parts)
+    master = ranked(0, world, parts)
     (whole,) = master.gather_rows(parts[0], minibatch)
     assert torch.equal(whole, rows)
-    assert SimulatedRanks(1, world, parts).gather_rows(parts[1], minibatch) is None
+    assert ranked(1, world, parts).gather_rows(parts[1], minibatch) is None
 
 
 def test_backends_that_cannot_work_are_refused():
     two = LaunchInfo(0, 0, 2, "torchrun")
     with pytest.raises(OptionError, match="--dist-backend nccl needs CUDA"):
-        data_parallel.make_sync(two, "nccl", torch.device("cpu"))
+        join_job(two, "nccl", CPU)
     with pytest.raises(OptionError, match="start the ranks with mpirun"):
-        data_parallel.make_sync(two, "mpi", torch.device("cpu"))
-    assert isinstance(data_parallel.make_sync(LaunchInfo(0, 0, 1, "single"), "mpi",
-                                              torch.device("cpu")), SingleProcess)
+        join_job(two, "mpi", CPU)
+    assert isinstance(join_job(LaunchInfo(0, 0, 1, "single"), "mpi", CPU), OneProcess)
 
 
 def test_one_process_is_the_identity():
-    sync = SingleProcess()
+    strategy = one_process()
     sums = {"logprob": torch.tensor([1.0])}
-    assert sync.sum_over_ranks(sums, 5) == (sums, 5)
-    assert sync.broadcast("x") == "x" and sync.all_gather(3) == [3]
-    model = torch.nn.Linear(2, 2)
-    assert sync.wrap(model) is model
+    assert strategy.sum_over_ranks(sums, 5) == (sums, 5)
+    ranks = strategy.ranks
+    assert ranks.broadcast("x") == "x" and ranks.all_gather(3) == [3]
+    assert isinstance(strategy.forward, torch.nn.Linear)     # the net itself, unwrapped
     rows = [torch.ones(2)]
-    assert sync.gather_rows(rows, 4) is rows
-    np.testing.assert_array_equal(sync.shard_sizes(7, 7), [7])
+    assert strategy.gather_rows(rows, 4) is rows
+    np.testing.assert_array_equal(piece_sizes(strategy, 7, 7), [7])

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from distconvnet.errors import DataError
+from distconvnet.parallel.sharding import shard_indices
 from distconvnet.providers.batches import (BatchCursor, batch_generator, format_ranges,
                                            list_batches, load_meta, read_batch,
-                                           require_batches, shard_indices, write_batch,
-                                           write_meta)
+                                           require_batches, write_batch, write_meta)
 
 # --- Python 2 protocol-2 pickles, opcode by opcode (as cPickle wrote str and numpy arrays) ---
 
