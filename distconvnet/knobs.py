@@ -62,9 +62,10 @@ def use_deterministic_algorithms():
 
 def use_own_stream(device):
     """On CUDA, the calling thread (the trainer's) queues its work on a stream of its own, not
-    on the legacy default stream, with which every blocking stream synchronises: DALI's decoding
-    kernels would wait behind each queued step (BENCHMARKS.md, 2026-12-04). A thread already on
-    a stream of its own keeps it."""
+    on the legacy default stream, with which every blocking stream synchronises, so that no
+    other library's stream waits behind a queued step. (On an H200 with DALI's decoder beside
+    the step it changed the JPEG-to-update rate within noise: BENCHMARKS.md, 2026-12-04.) A
+    thread already on a stream of its own keeps it."""
     if device.type == "cuda" and torch.cuda.current_stream(device) == \
             torch.cuda.default_stream(device):
         torch.cuda.set_stream(torch.cuda.Stream(device))
