@@ -26,6 +26,13 @@ ImageNet nets): data_batch_1 of --images cases, and for weak scaling data_batch_
 whole file: 1.2 GB per 8192 ImageNet images). The dummy providers cannot serve: their batches
 have 7 cases (spec §10.5).
 
+With --data image --jpeg-dir DIR the runs train instead on the JPEG batches of DIR (made by
+data/make_batches.py, training batches from 0 and a test batch from 1000) through the image
+provider, as the seed's ImageNet command does, with --color-noise 0.1: each rank decodes its
+share of every minibatch on its own GPU, and the data batches are the set's, so weak scaling
+grows only --mini; the runs go on over the training batches for as many epochs as the warm-up
+and timed batches need.
+
 Time: the trainer's metrics log (metrics.jsonl, written by rank 0) times each data batch from
 the moment its data are ready until the batch's costs, summed over the ranks, have been copied
 to the host; that copy waits for every minibatch's forward, backward, gradient all-reduce and
@@ -55,8 +62,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .bench_scaling_runs import (CONVNET, LAYERS, MPIRUN_SCRIPT, REPO, GpuMemoryWatch, RunFailed,
-                                 images_per_second, launch_command, run_environment,
-                                 run_trainer, trainer_args, write_synthetic_data)
+                                 JpegInputs, SyntheticInputs, images_per_second,
+                                 launch_command, run_environment, run_trainer, trainer_args,
+                                 write_synthetic_data)
 from .errors import DistconvnetError, OptionError
 
 NETS_2GPU = ["imagenet-2gpu-data", "imagenet-2gpu-model", "imagenet-2gpu-hybrid"]
@@ -68,6 +76,8 @@ GEOMETRY = {"imagenet": (224, 1000), "cifar10": (24, 10), "tiny": (8, 10), "test
 SCALINGS = ("strong", "weak")
 SCALING_TEXT = {"strong": "strong scaling: the same at every count",
                 "weak": "weak scaling: both times the count"}
+JPEG_SCALING_TEXT = {"strong": SCALING_TEXT["strong"],
+                     "weak": "weak scaling: --mini times the count (the data batches stay)"}
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,19 @@ def memory_line(peaks, device):
                                              for c, mib in sorted(peaks.items()))
 
 
-def header(device, counts, settings, geometries, launcher, scalings):
+def input_line(inputs, settings, geometries, device):
+    """What the runs train on, for the header."""
+    if isinstance(inputs, JpegInputs):
+        return (f"input: JPEG batches {inputs.directory} ({len(inputs.train)} of "
+                f"{inputs.per_batch} images; each rank decodes its share; {inputs.side}x"
+                f"{inputs.side} crops, colour noise 0.1) and --mini {settings.minibatch} on "
+                f"{count_text(1, device)}")
+    return (f"input: synthetic, {settings.images} images per data batch ("
+            f"{', '.join(f'3x{side}x{side}, {classes} classes' for side, classes in geometries)}"
+            f") and --mini {settings.minibatch} on {count_text(1, device)}")
+
+
+def header(device, counts, settings, geometries, launcher, scalings, inputs=None):
     import torch
     if device == "cuda":
         names = sorted(set(torch.cuda.get_device_name(i)
@@ -127,10 +149,8 @@ def header(device, counts, settings, geometries, launcher, scalings):
     return [f"distconvnet.bench_scaling {time.strftime('%Y-%m-%d %H:%M')} | device: {where} | "
             f"torch {torch.__version__} | {count_text(max(counts), device)} at most, "
             f"launcher {launcher}",
-            f"input: synthetic, {settings.images} images per data batch ("
-            f"{', '.join(f'3x{side}x{side}, {classes} classes' for side, classes in geometries)}"
-            f") and --mini {settings.minibatch} on {count_text(1, device)}; "
-            + "; ".join(SCALING_TEXT[s] for s in scalings)
+            input_line(inputs, settings, geometries, device) + "; "
+            + "; ".join(JPEG_SCALING_TEXT[s] if inputs else SCALING_TEXT[s] for s in scalings)
             + f"; img/s = images / median seconds of {settings.batches} batches after "
             f"{settings.warmup} warm-up batch(es)"]
 
@@ -162,6 +182,11 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=None, help="batches not timed")
     parser.add_argument("--batches", type=int, default=None, help="batches timed")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    parser.add_argument("--data", choices=["synthetic", "image"], default="synthetic",
+                        help="image: train from the JPEG batches of --jpeg-dir through the "
+                             "image provider, each rank decoding its share")
+    parser.add_argument("--jpeg-dir", default=None,
+                        help="--data image: batches made by data/make_batches.py")
     return parser.parse_args(argv)
 
 
@@ -257,15 +282,20 @@ def run(args):
     threads = max(1, (os.cpu_count() or 1) // max(counts))
     check_launcher(args.launcher, counts, run_environment({}, device, threads))
     geometries = sorted({GEOMETRY[net.split("-")[0]] for net in nets})
-    for line in header(device, counts, settings, geometries, args.launcher, scalings):
+    jpegs = jpeg_inputs(args, geometries)
+    for line in header(device, counts, settings, geometries, args.launcher, scalings, jpegs):
         print(line, flush=True)
     failures = 0
     with tempfile.TemporaryDirectory(prefix="dcn-scaling-") as work:
-        data_dirs = {}
+        inputs = {}
         growths = {growth(s, c) for s in scalings for c in counts}
         for side, classes in geometries:
-            data_dirs[side, classes] = Path(work) / f"data-{side}-{classes}"
-            write_synthetic_data(data_dirs[side, classes], side, classes, settings, growths)
+            if jpegs is not None:
+                inputs[side, classes] = jpegs
+                continue
+            directory = Path(work) / f"data-{side}-{classes}"
+            write_synthetic_data(directory, side, classes, settings, growths)
+            inputs[side, classes] = SyntheticInputs(directory, side)
         for net in nets:
             side, classes = GEOMETRY[net.split("-")[0]]
             runs = {}        # (count, growth) -> (img/s, peak MiB or None), or the failure
@@ -274,7 +304,7 @@ def run(args):
                     grown = growth(scaling, count)
                     if (count, grown) not in runs:
                         runs[count, grown] = measure(
-                            args, net, count, grown, settings, data_dirs[side, classes], side,
+                            args, net, count, grown, settings, inputs[side, classes],
                             device, threads, Path(work) / f"run-{net}-{count}-{grown}")
                 measured = {c: runs[c, growth(scaling, c)] for c in counts}
                 speeds = {c: m[0] for c, m in measured.items() if not isinstance(m, RunFailed)}
@@ -292,15 +322,27 @@ def run(args):
     return 1 if failures else 0
 
 
-def measure(args, net, count, grown, settings, data_path, side, device, threads, save_path):
+def jpeg_inputs(args, geometries):
+    """The JPEG batches of --data image (None for synthetic input)."""
+    if args.data != "image":
+        return None
+    if not args.jpeg_dir:
+        raise OptionError("--data image needs --jpeg-dir DIR (batches of data/make_batches.py)")
+    if len(geometries) != 1:
+        raise OptionError("--data image: the nets must take one input size (one --jpeg-dir)")
+    return JpegInputs(args.jpeg_dir, geometries[0][0])
+
+
+def measure(args, net, count, grown, settings, inputs, device, threads, save_path):
     """(img/s, peak GPU memory in MiB or None) of one run of the trainer on `count` GPUs, with
-    data batches and --mini `grown` times the 1-GPU run's; or the RunFailed that stopped it."""
-    argv = trainer_args(net, data_path, side, save_path, settings, grown, device)
+    --mini (and synthetic data batches) `grown` times the 1-GPU run's; or the RunFailed that
+    stopped it."""
+    argv = trainer_args(net, inputs, save_path, settings, grown, device)
     command, extra = launch_command(args.launcher, count, device, argv)
     try:
         with GpuMemoryWatch(count) as watch:
             run_trainer(command, run_environment(extra, device, threads), args.timeout)
-        return (images_per_second(save_path, settings, settings.images * grown),
+        return (images_per_second(save_path, settings, inputs.images(settings, grown)),
                 watch.peak_mib if device == "cuda" else None)
     except RunFailed as e:
         return e

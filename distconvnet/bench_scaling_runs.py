@@ -1,9 +1,10 @@
-"""One run of the trainer for bench_scaling.py: its synthetic data set, its command line under
-each launcher and its environment, its speed from rank 0's metrics log, and the peak GPU memory
-nvidia-smi sees meanwhile.
+"""One run of the trainer for bench_scaling.py: what it trains on (a synthetic data set, or
+JPEG batches), its command line under each launcher and its environment, its speed from rank
+0's metrics log, and the peak GPU memory nvidia-smi sees meanwhile.
 """
 
 import glob
+import math
 import os
 import shutil
 import signal
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DistconvnetError
+from .errors import DistconvnetError, OptionError
 from .metrics import read_log
 from .parallel.launch import NCCL_SAFE_ENV
-from .providers.batches import write_batch, write_meta
+from .providers.batches import list_batches, read_batch, write_batch, write_meta
 
 REPO = Path(__file__).resolve().parent.parent
 LAYERS = REPO / "layers"
@@ -56,14 +57,58 @@ def write_synthetic_data(directory, side, classes, settings, growths, seed=0):
                            "num_cases_per_batch": settings.images})
 
 
+class SyntheticInputs:
+    """The batches of write_synthetic_data: a run that grows g times trains on data_batch_<g>."""
+
+    def __init__(self, directory, side):
+        self.directory, self.side = directory, side
+
+    def provider_args(self, grown):
+        return ["--data-provider", "cifar", "--data-path", str(self.directory), "--inner-size",
+                str(self.side), "--train-range", str(grown), "--test-range", str(TEST_BATCH)]
+
+    def images(self, settings, grown):
+        return settings.images * grown
+
+    def epochs(self, settings):
+        return settings.warmup + settings.batches
+
+
+class JpegInputs:
+    """JPEG batches made by data/make_batches.py, trained through the image provider as the
+    seed's ImageNet command does: every run trains on the same data batches (weak scaling grows
+    only --mini), each rank decoding its own share of each minibatch on its own GPU."""
+
+    def __init__(self, directory, side):
+        numbers = list_batches(directory)
+        self.train = [n for n in numbers if n < 1000]
+        tests = [n for n in numbers if n >= 1000]
+        if not self.train or not tests or self.train != list(range(self.train[0],
+                                                                   self.train[-1] + 1)):
+            raise OptionError(f"--jpeg-dir {directory}: expected training batches numbered "
+                              f"without gaps from make_batches.py and a test batch from 1000")
+        self.directory, self.side, self.test = directory, side, tests[0]
+        self.per_batch = len(read_batch(directory, self.train[0])["data"])
+
+    def provider_args(self, grown):
+        return ["--data-provider", "image", "--data-path", str(self.directory), "--inner-size",
+                str(self.side), "--train-range", f"{self.train[0]}-{self.train[-1]}",
+                "--test-range", str(self.test), "--color-noise", "0.1"]
+
+    def images(self, settings, grown):
+        return self.per_batch
+
+    def epochs(self, settings):
+        return math.ceil((settings.warmup + settings.batches) / len(self.train))
+
+
 # -- one run of the trainer ------------------------------------------------------------------
 
-def trainer_args(net, data_path, side, save_path, settings, grown, device):
-    """The trainer's command line for a run whose data batch and --mini are `grown` times the
-    1-GPU run's."""
-    return ["--data-provider", "cifar", "--data-path", str(data_path), "--inner-size", str(side),
-            "--train-range", str(grown), "--test-range", str(TEST_BATCH),
-            "--epochs", str(settings.warmup + settings.batches), "--test-freq", "1000000",
+def trainer_args(net, inputs, save_path, settings, grown, device):
+    """The trainer's command line for a run whose --mini (and synthetic data batch) is `grown`
+    times the 1-GPU run's."""
+    return [*inputs.provider_args(grown),
+            "--epochs", str(inputs.epochs(settings)), "--test-freq", "1000000",
             "--layer-def", str(LAYERS / f"layers-{net}.cfg"),
             "--layer-params", str(LAYERS / f"layer-params-{net}.cfg"),
             "--mini", str(settings.minibatch * grown), "--seed", "1", "--device", device,
@@ -118,7 +163,8 @@ def images_per_second(save_path, settings, images):
     logs = glob.glob(os.path.join(save_path, "ConvNet__*", "metrics.jsonl"))
     if len(logs) != 1:
         raise RunFailed(f"expected one metrics log under {save_path}, found {len(logs)}")
-    timed = [e for e in read_log(logs[0]) if e["event"] == "train"][settings.warmup:]
+    trained = [e for e in read_log(logs[0]) if e["event"] == "train"]
+    timed = trained[settings.warmup:settings.warmup + settings.batches]
     if len(timed) != settings.batches:
         raise RunFailed(f"{len(timed)} timed batches in {logs[0]}, expected {settings.batches}")
     wrong = [e["cases"] for e in timed if e["cases"] != images]
